@@ -1,0 +1,62 @@
+"""DiLoCo (Douillard et al. 2023, arXiv 2311.08105): every worker runs H inner steps from
+the global parameters theta, the outer gradient delta_m = theta - phi_m is averaged with one
+all-reduce, and every worker applies the same outer Nesterov step to its copy of theta.
+
+With M=1, outer_lr=1 and outer_momentum=0 this is plain training; with outer_lr=1 and
+outer_momentum=0 it is parameter averaging (FedAvg). Both are pinned by tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..codecs import make_codec
+from ..optim import Nesterov
+from ..runtime.api import Algorithm, Process
+from ..errors import UserError
+
+
+class DiLoCo(Algorithm):
+    name = "diloco"
+
+    def __init__(self, cfg, job):
+        super().__init__(cfg, job)
+        if cfg.H < 1:
+            raise UserError(f"algorithm.H must be >= 1, got {cfg.H}")
+
+    def processes(self):
+        return [Process(self.job.worker_name(w.index), w.region, self.worker, worker=w.index)
+                for w in self.job.workers]
+
+    def rounds(self) -> list[int]:
+        """Inner steps of each round: H, H, ..., and a shorter last round if needed."""
+        total, H = self.job.planned_steps, self.cfg.H
+        return [min(H, total - start) for start in range(0, total, H)]
+
+    def worker(self, ctx):
+        job, cfg = self.job, self.cfg
+        codec = make_codec(cfg.codec, cfg.codec_block)
+        params = list(ctx.params.values())
+        theta = [p.detach().clone() for p in params]
+        outer = Nesterov(cfg.outer_lr, cfg.outer_momentum)
+        tokens_per_step = sum(job.tokens_per_step(m) for m in range(job.M))
+        if ctx.worker == 0:
+            ctx.publish(theta, 0, 0)
+        done = 0
+        for r, h in enumerate(self.rounds()):
+            yield ctx.train(h)
+            done += h
+            with torch.no_grad():
+                delta = [t - p for t, p in zip(theta, params)]
+            mean = yield ctx.all_reduce(delta, codec)
+            outer.step(theta, mean)
+            with torch.no_grad():
+                for p, t in zip(params, theta):
+                    p.copy_(t)
+            if cfg.reset_inner_state_each_round:
+                ctx.reset_optimizer()
+            if ctx.worker == 0:
+                ctx.publish(theta, done * tokens_per_step, r + 1)
+
+
+ALGORITHM = DiLoCo

@@ -1,0 +1,53 @@
+"""Checkpoints: the global model's tensors in safetensors (no pickle, so loading runs no code)
+plus a small JSON of metadata: the resolved config, the vocabulary and where training was."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .config import Config, config_from_dict, to_toml, tomllib
+from .errors import UserError
+from .metrics import atomic_write
+
+FORMAT = 1
+WEIGHTS, META = "model.safetensors", "checkpoint.json"
+
+
+def save_checkpoint(out: Path, params: dict[str, torch.Tensor], cfg: Config, vocab: str,
+                    extra: dict) -> None:
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in params.items()}
+    atomic_write(out / WEIGHTS, st_save(tensors))
+    meta = {"format": FORMAT, "config_toml": to_toml(cfg), "vocab": vocab, **extra}
+    atomic_write(out / META, json.dumps(meta, indent=2))
+
+
+def load_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], Config, str, dict]:
+    """(params, config, vocab, metadata) of a finished run; one clear error if anything is off."""
+    run_dir = Path(run_dir)
+    weights, meta_path = run_dir / WEIGHTS, run_dir / META
+    if not run_dir.is_dir():
+        raise UserError(f"run folder '{run_dir}' does not exist; give the --out folder of a run")
+    if not weights.is_file() or not meta_path.is_file():
+        raise UserError(f"'{run_dir}' holds no checkpoint ({WEIGHTS} and {META}); "
+                        "was the run finished?")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}")
+        cfg = config_from_dict(tomllib.loads(meta["config_toml"]))
+        vocab = meta["vocab"]
+    except (ValueError, KeyError, TypeError, tomllib.TOMLDecodeError, UnicodeDecodeError, UserError) as e:
+        raise UserError(f"checkpoint metadata '{meta_path}' is corrupt ({e}); re-run training "
+                        "or restore the file") from None
+    try:
+        params = st_load(weights.read_bytes())
+    except (SafetensorError, ValueError, OSError) as e:
+        raise UserError(f"checkpoint weights '{weights}' are corrupt ({e}); re-run training "
+                        "or restore the file") from None
+    return params, cfg, vocab, meta

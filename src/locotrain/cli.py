@@ -1,0 +1,169 @@
+"""`loco`: run, compare, sample, list.
+
+Errors a user can cause print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import report
+from .errors import UserError
+from .metrics import atomic_write
+
+EXIT_USER_ERROR = 2
+
+
+def _default_out(name: str, what: str) -> Path:
+    return Path("runs") / f"{name}-{what}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_run(args) -> None:
+    from .config import load_config
+    from .run import train
+
+    name, cfg = load_config(args.config, args.set)
+    out = Path(args.out) if args.out else _default_out(name, cfg.algorithm.name)
+    s = train(cfg, out, force=args.force, quiet=args.quiet)
+    bound = "<= " if "final_val_bpc_stderr" in s else ""
+    print(f"{cfg.algorithm.name} on {s['workers']} worker(s), {s['params']:,} params, "
+          f"{s['tokens']:,} tokens: final val {bound}{s['final_val_bpc']:.4f} bpc "
+          f"(best {s['best_val_bpc']:.4f}), {s['time_s']:.1f} s wall, "
+          f"{s['sim_time_s']:.1f} s simulated -> {out}")
+
+
+def cmd_compare(args) -> None:
+    from .config import load_config
+    from .run import build, prepare_out_dir, train
+
+    overrides = list(args.set)
+    name, cfg = load_config(args.config, overrides)
+    algorithms = args.algorithms.split(",") if args.algorithms else cfg.compare.algorithms
+    configs = {}
+    for algo in algorithms:  # check every configuration before training any
+        _, c = load_config(args.config, overrides + [f"algorithm.name={algo}"])
+        build(c)
+        configs[algo] = c
+    out = Path(args.out) if args.out else _default_out(name, "compare")
+    prepare_out_dir(out, args.force)
+    if (out / "comparison.md").exists():
+        if not args.force:
+            raise UserError(f"'{out}' already holds a comparison; pass --force or another --out")
+    summaries, evals = {}, {}
+    for algo, c in configs.items():
+        summaries[algo] = train(c, out / algo, force=args.force, quiet=args.quiet, label=algo)
+        lines = (out / algo / "metrics.jsonl").read_text().splitlines()
+        evals[algo] = [e for e in map(json.loads, lines) if e["event"] == "eval"]
+    target = cfg.compare.target_bpc or max(s["best_val_bpc"] for s in summaries.values())
+    table = report.comparison_markdown(summaries, evals, target)
+    report.plot_curves(out / "loss_vs_tokens.png", evals, "tokens", "training tokens", name)
+    report.plot_curves(out / "loss_vs_time.png", evals, "sim_time_s", "simulated time (s)", name)
+    report.plot_curves(out / "loss_vs_bytes.png", evals, "bytes_sent", "bytes sent", name, logx=True)
+    atomic_write(out / "comparison.md", f"# {name}: {', '.join(algorithms)}\n\n{table}")
+    atomic_write(out / "summary.json", json.dumps(summaries, indent=2))
+    print(table)
+    print(f"-> {out}")
+
+
+def cmd_sample(args) -> None:
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .data import CharTokenizer, Corpus
+    from .run import pick_device
+    from .workloads import build_workload
+
+    params, cfg, vocab, meta = load_checkpoint(Path(args.dir))
+    for key in ("prompt", "chars", "temperature", "seed", "method", "threshold", "steps"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(cfg.sample, key, value)
+    if cfg.sample.chars < 1:
+        raise UserError("--chars must be at least 1")
+    tokenizer = CharTokenizer(vocab)
+    empty = torch.zeros(0, dtype=torch.long)
+    corpus = Corpus(meta.get("corpus", "checkpoint"), tokenizer, empty, empty)
+    wl = build_workload(cfg, corpus, pick_device(cfg.train.device))
+    expected = wl.spec.param_shapes()
+    if {k: tuple(v.shape) for k, v in params.items()} != expected:
+        raise UserError(f"checkpoint in '{args.dir}' does not match its own config "
+                        "(tensor names or shapes differ); the files are corrupt or mixed up")
+    params = {k: v.to(wl.device) for k, v in params.items()}
+    result = wl.sample(params, cfg.sample.prompt, cfg.sample.chars,
+                       torch.Generator().manual_seed(cfg.sample.seed))
+    print(result.text)
+    print(f"\n[{result.chars} characters, {result.steps} model evaluations, "
+          f"{result.steps_per_char:.3f} per character]", file=sys.stderr)
+
+
+def cmd_list(args) -> None:
+    from .algorithms import SUMMARIES
+    from .config import all_keys, preset_names, read_source
+    from .workloads import WORKLOADS
+
+    if args.keys:
+        print("\n".join(all_keys()))
+        return
+    print("presets:")
+    for name in preset_names():
+        print(f"  {name:<18} {read_source(name)[1].get('description', '')}")
+    print("workloads:")
+    for name, cls in WORKLOADS.items():
+        print(f"  {name:<18} {cls.summary}")
+    print("algorithms:")
+    for name, text in SUMMARIES.items():
+        print(f"  {name:<18} {text}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="loco", description="Train language models across "
+                                     "unequal hardware joined by slow networks (simulated).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("config", nargs="?", default="quickstart",
+                       help="a preset name (see `loco list`) or a TOML file; default quickstart")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set model.depth=4 (repeatable)")
+        p.add_argument("--out", help="output folder (default runs/<preset>-...-<time>)")
+        p.add_argument("--force", action="store_true", help="replace a run already in --out")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("run", help="train one algorithm")
+    common(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("compare", help="train several algorithms on the same cluster and data")
+    common(p)
+    p.add_argument("--algorithms", help="comma-separated, e.g. ddp,diloco,streaming")
+    p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("sample", help="print text from a finished run")
+    p.add_argument("dir", help="the run folder")
+    p.add_argument("--prompt")
+    p.add_argument("--chars", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--method", choices=["confidence", "remask"], help="diffusion decoding")
+    p.add_argument("--threshold", type=float, help="diffusion confidence threshold")
+    p.add_argument("--steps", type=int, help="diffusion remask steps per block")
+    p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("list", help="presets, workloads and algorithms")
+    p.add_argument("--keys", action="store_true", help="every config key")
+    p.set_defaults(func=cmd_list)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"loco: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("loco: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,432 @@
+"""Typed configuration: dataclasses, TOML presets, dotted `--set` overrides, clear errors.
+
+A run's config is built in three layers: the defaults below, then a preset or TOML file,
+then `--set key=value` overrides. Every key is checked against the dataclasses; a wrong key
+gets the nearest valid one suggested, a wrong type names the expected one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def choice(default: str, *options: str) -> Any:
+    """A string field restricted to a fixed set of values."""
+    return field(default=default, metadata={"choices": options})
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # "" = the Tiny Shakespeare copy shipped in the package
+    train_fraction: float = 0.9  # first 90% trains, last 10% validates (nanoGPT's split)
+    shards: str = choice("iid", "iid", "contiguous")  # how workers divide the training text
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 2
+    width: int = 128
+    heads: int = 4
+    seq_len: int = 64
+    dropout: float = 0.0
+    softcap: float = 0.0  # tanh soft-capping of logits; 0 = off
+
+
+@dataclass
+class WorkloadConfig:
+    name: str = choice("ar_gpt", "ar_gpt", "masked_diffusion")
+    context_len: int = 0  # diffusion: leading characters of every window that are never masked
+    loopholing: bool = False  # diffusion: carry the hidden state between denoising steps
+    self_cond_rate: float = 1.0  # Loopholing: fraction of training batches that use two passes
+
+
+@dataclass
+class TrainConfig:
+    tokens: int = 1_200_000  # training tokens summed over all workers
+    batch_size: int = 32  # sequences per worker per inner step
+    optimizer: str = choice("adamw", "adamw", "lion")
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup: float = 0.05  # fraction of training spent in linear warm-up
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1  # on matrices only
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = choice("auto", "auto", "cpu", "cuda")
+    compile: bool = False  # torch.compile the loss (CUDA only)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # tokens between evaluations; 0 = ten evaluations per run
+    windows: int = 0  # validation windows used during training; 0 = all (the final eval uses all)
+    samples: int = 16  # diffusion: stratified mask-ratio samples per window
+    score_from: int = -1  # score only targets at positions >= this; -1 = workload.context_len
+    batch_size: int = 64
+
+
+@dataclass
+class SampleConfig:
+    chars: int = 500
+    prompt: str = ""
+    temperature: float = 0.8
+    seed: int = 0
+    method: str = choice("confidence", "confidence", "remask")  # diffusion decoding
+    threshold: float = 0.9  # confidence decoding: commit every position at least this sure
+    steps: int = 16  # remask decoding: denoising steps per block
+
+
+ALGORITHMS = ("ddp", "diloco", "streaming", "eager", "overlap_local_sgd", "async_local_sgd",
+              "halos")
+
+
+@dataclass
+class AlgorithmConfig:
+    """One flat table for every algorithm; names follow docs/algorithms.md (H, tau, alpha, ...).
+    Each algorithm reads the keys it uses and checks them."""
+    name: str = choice("ddp", *ALGORITHMS)
+    H: int = 50  # inner steps per round
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    codec: str = "fp32"  # fp32 | bf16 | int8 | fp4: what goes on the wire
+    codec_block: int = 128  # values per quantisation scale
+    reset_inner_state_each_round: bool = False
+    # Streaming DiLoCo
+    fragments: int = 1  # P; model.depth must be divisible by it
+    fragment_pattern: str = choice("strided", "strided", "sequential")
+    embeddings: str = choice("first", "first", "own")  # wte/head join fragment 0, or sync alone
+    tau: int = 0  # inner steps a fragment's all-reduce may overlap; tau < H / fragments
+    alpha: float = 0.0  # merge: local = alpha * local + (1 - alpha) * global
+    # eager / naive one-outer-step delay
+    mode: str = choice("eager", "eager", "naive")
+    # Overlap Local-SGD
+    pull: float = 0.6  # alpha of Wang et al.: x <- (1 - pull) x + pull * anchor
+    anchor_momentum: float = 0.0  # beta of Wang et al.
+    # Async Local-SGD and HALoS workers
+    server_optimizer: str = choice("delayed_nesterov", "delayed_nesterov", "nesterov")
+    buffer_size: int = 0  # N of delayed Nesterov; 0 = number of workers
+    momentum_activation: float = 0.0  # c of delayed Nesterov, 0 <= c <= 1/N
+    staleness_weighting: str = choice("none", "none", "constant", "polynomial")
+    dylu: bool = True  # dynamic local updates: H scaled by worker speed
+    dylu_rounding: str = choice("ceil", "ceil", "floor")
+    grace_period_s: float = 0.0
+    server_region: str = ""  # region of the parameter server; "" = the first region
+    # HALoS
+    K: int = 32  # worker updates a local server applies before pushing to the global one
+    local_lr: float = 0.2
+    local_momentum: float = 0.9
+    local_buffer: int = 0  # 0 = workers in the region
+    global_lr: float = 0.15
+    global_momentum: float = 0.5
+    global_buffer: int = 0  # 0 = number of regions
+    global_weight: float = 0.25  # local = (1 - w) * local + w * global on receiving the global model
+    global_region: str = ""
+
+
+@dataclass
+class CompareConfig:
+    algorithms: list[str] = field(default_factory=lambda: ["ddp", "diloco", "streaming"])
+    target_bpc: float = 0.0  # 0 = the worst algorithm's best validation bpc
+
+
+@dataclass
+class WorkerSpec:
+    region: str = "r0"
+    speed: float = 1.0  # relative speed on top of the device's
+    device: str = ""  # catalogue name; "" = cluster.device
+    batch_size: int = 0  # sequences per step; 0 = train.batch_size
+    count: int = 1  # repeat this worker `count` times
+
+
+@dataclass
+class SlowdownSpec:
+    """A worker computes `factor` times slower during [start_s, end_s)."""
+    worker: int = 0
+    start_s: float = 0.0
+    end_s: float = 0.0
+    factor: float = 2.0
+
+
+@dataclass
+class OutageSpec:
+    """The link from region `src` to region `dst` carries nothing during [start_s, end_s)."""
+    src: str = ""
+    dst: str = ""
+    start_s: float = 0.0
+    end_s: float = 0.0
+
+
+@dataclass
+class TraceSpec:
+    """Piecewise-constant bandwidth of one inter-region link: `gbps[i]` from `times_s[i]`."""
+    src: str = ""
+    dst: str = ""
+    times_s: list[float] = field(default_factory=list)
+    gbps: list[float] = field(default_factory=list)
+
+
+@dataclass
+class FailureSpec:
+    """A seeded random schedule of stragglers and link outages over `horizon_s` seconds."""
+    seed: int = 0
+    horizon_s: float = 0.0  # 0 = no random events
+    straggler_rate_per_hour: float = 0.0  # per worker
+    straggler_factor: float = 3.0
+    straggler_duration_s: float = 60.0
+    outage_rate_per_hour: float = 0.0  # per inter-region link
+    outage_duration_s: float = 30.0
+
+
+@dataclass
+class ClusterConfig:
+    preset: str = choice("single", "single", "two-datacenters", "mixed-fleet", "halos-4x4",
+                         "world", "custom")
+    size: int = 0  # workers for presets that take a size; 0 = the preset's default
+    regions: list[str] = field(default_factory=list)
+    latency_s: list[list[float]] = field(default_factory=list)
+    bandwidth_gbps: list[list[float]] = field(default_factory=list)  # 0 = unlimited
+    workers: list[WorkerSpec] = field(default_factory=list)
+    inter_gbps: float = 0.0  # presets: override the inter-region bandwidth
+    inter_latency_s: float = -1.0  # presets: override the inter-region latency
+    step_time_s: float = 0.0  # seconds per inner step at speed 1 and train.batch_size; 0 = FLOPs
+    device: str = "H100"
+    mfu: float = 0.4  # model FLOPs utilisation when step time is derived from FLOPs
+    jitter: float = 0.0  # relative std of each compute span (seeded)
+    server_compute_s: float = 1e-3  # modelled time of one parameter-server update
+    allreduce: str = choice("ring", "ring", "hierarchical")
+    slowdowns: list[SlowdownSpec] = field(default_factory=list)
+    outages: list[OutageSpec] = field(default_factory=list)
+    traces: list[TraceSpec] = field(default_factory=list)
+    failures: FailureSpec = field(default_factory=FailureSpec)
+
+
+@dataclass
+class Config:
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def validate(cfg: Config) -> None:
+    """Impossible settings that are about one section alone. Components check the rest."""
+    m, t = cfg.model, cfg.train
+    positive = {
+        "model.depth": m.depth, "model.width": m.width, "model.heads": m.heads,
+        "model.seq_len": m.seq_len, "train.tokens": t.tokens, "train.batch_size": t.batch_size,
+        "eval.samples": cfg.eval.samples, "eval.batch_size": cfg.eval.batch_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"{key} must be positive, got {value}")
+    if m.width % m.heads or (m.width // m.heads) % 2:
+        raise UserError(
+            f"model.width ({m.width}) must split into model.heads ({m.heads}) heads of even size; "
+            "pick a width that is a multiple of 2*heads"
+        )
+    if not 0.0 < cfg.data.train_fraction < 1.0:
+        raise UserError(f"data.train_fraction must be in (0, 1), got {cfg.data.train_fraction}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1 or not 0 <= t.warmup < 1:
+        raise UserError("train.lr must be > 0, train.min_lr_ratio in [0, 1], train.warmup in [0, 1)")
+    if not 0 <= cfg.workload.context_len < m.seq_len:
+        raise UserError(
+            f"workload.context_len ({cfg.workload.context_len}) must be in [0, model.seq_len)"
+        )
+    if cfg.workload.name != "masked_diffusion" and (
+        cfg.workload.context_len or cfg.workload.loopholing
+    ):
+        raise UserError(
+            "workload.context_len and workload.loopholing apply to masked_diffusion only; "
+            "set workload.name=masked_diffusion or drop them"
+        )
+    if not 0 < cfg.sample.threshold <= 1 or cfg.sample.temperature < 0:
+        raise UserError("sample.threshold must be in (0, 1] and sample.temperature >= 0")
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "table"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f, tp in zip(dataclasses.fields(cls), typing.get_type_hints(cls).values()):
+        path = f"{prefix}{f.name}"
+        keys.append(path)
+        if dataclasses.is_dataclass(tp):
+            keys += _all_keys(tp, path + ".")
+    return keys
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a table, got {value!r}")
+        return _build(tp, value, where + ".")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"{where} must be a {_type_name(tp)}, got {value!r}")
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and type(value) is tp:
+        return value
+    raise UserError(f"{where} must be a {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise UserError(_unknown_key(f"{prefix}{key}"))
+        kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
+    obj = cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        options = f.metadata.get("choices")
+        if options and getattr(obj, f.name) not in options:
+            raise UserError(
+                f"{prefix}{f.name} = {getattr(obj, f.name)!r} is not one of: {', '.join(options)}"
+            )
+    return obj
+
+
+def _unknown_key(path: str) -> str:
+    near = difflib.get_close_matches(path, _all_keys(Config), n=1, cutoff=0.6)
+    hint = f" (did you mean '{near[0]}'?)" if near else " (`loco list --keys` shows them all)"
+    return f"unknown config key '{path}'{hint}"
+
+
+def _parse_value(text: str) -> Any:
+    """A --set value is a TOML literal; anything that does not parse is a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_dotted(data: dict, path: str, value: Any) -> None:
+    parts = path.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(_unknown_key(path))
+        node = child
+    node[parts[-1]] = value
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("locotrain.presets").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def read_source(source: str) -> tuple[str, dict]:
+    """Resolve a preset name or a TOML path to (name, table)."""
+    path = Path(source)
+    if source.endswith(".toml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"config file '{source}' does not exist; give a TOML path or one of "
+                            f"the presets: {', '.join(preset_names())}")
+        text, name = path.read_text(encoding="utf-8", errors="replace"), path.stem
+    elif source in preset_names():
+        text = resources.files("locotrain.presets").joinpath(f"{source}.toml").read_text()
+        name = source
+    else:
+        near = difflib.get_close_matches(source, preset_names(), n=1)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        raise UserError(f"no preset or file named '{source}'; {hint}presets: "
+                        f"{', '.join(preset_names())}")
+    try:
+        return name, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"'{source}' is not valid TOML: {e}") from None
+
+
+def load_config(source: str = "quickstart", overrides: list[str] = ()) -> tuple[str, Config]:
+    """Build the config from a preset name or TOML path plus `key=value` overrides."""
+    name, data = read_source(source)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set expects key=value, got '{item}'")
+        key, text = item.split("=", 1)
+        _set_dotted(data, key.strip(), _parse_value(text.strip()))
+    cfg = _build(Config, data)
+    validate(cfg)
+    return name, cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- writing TOML
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(cfg: Config) -> str:
+    """The fully resolved config as TOML (what `config.toml` in a run folder holds)."""
+    data = dataclasses.asdict(cfg)
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for section, table in data.items():
+        if isinstance(table, dict):
+            lines += ["", f"[{section}]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def all_keys() -> list[str]:
+    return _all_keys(Config)

@@ -1,0 +1,126 @@
+"""Inner optimizers (AdamW, Lion), the learning-rate schedule, and outer optimizers
+(Nesterov, delayed Nesterov) acting on lists of tensors.
+
+Outer gradients follow the convention of DiLoCo, torchft and HALoS: delta = start - end, so
+every outer optimizer subtracts it, like an ordinary gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+Tensors = list[torch.Tensor]
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def lr_at(progress: float, lr: float, warmup: float, min_ratio: float) -> float:
+    """Linear warm-up over the first `warmup` fraction, then cosine down to lr * min_ratio."""
+    progress = min(max(progress, 0.0), 1.0)
+    if warmup > 0 and progress < warmup:
+        return lr * (progress / warmup)
+    span = max(1e-12, 1.0 - warmup)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * (progress - warmup) / span))
+    return lr * (min_ratio + (1.0 - min_ratio) * cosine)
+
+
+# --------------------------------------------------------------------------- inner
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, arXiv 2302.06675): the update is the sign of an interpolation
+    between momentum and gradient; one state buffer; decoupled weight decay."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                update = (beta1 * m + (1 - beta1) * p.grad).sign_()
+                p.mul_(1 - group["lr"] * group["weight_decay"]).add_(update, alpha=-group["lr"])
+                m.mul_(beta2).add_(p.grad, alpha=1 - beta2)
+
+
+def inner_optimizer(params: dict[str, torch.Tensor], name: str, lr: float, betas, weight_decay):
+    """AdamW or Lion over a parameter dict; weight decay on matrices only."""
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if name == "lion":
+        return Lion(groups, lr=lr, betas=betas)
+    fused = all(p.is_cuda for p in params.values())
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+# --------------------------------------------------------------------------- outer
+
+
+class Nesterov:
+    """PyTorch SGD(momentum=mu, nesterov=True, dampening=0) on an outer gradient:
+        b <- mu*b + delta;   theta <- theta - lr*(delta + mu*b)
+    With lr=1 and mu=0 the step is theta <- theta - delta: plain parameter averaging."""
+
+    def __init__(self, lr: float, momentum: float):
+        self.lr, self.momentum = lr, momentum
+        self.buf: Tensors | None = None
+
+    @torch.no_grad()
+    def step(self, theta: Tensors, delta: Tensors) -> None:
+        if self.momentum == 0:
+            torch._foreach_add_(theta, delta, alpha=-self.lr)
+            return
+        if self.buf is None:
+            self.buf = [d.clone() for d in delta]
+        else:
+            torch._foreach_mul_(self.buf, self.momentum)
+            torch._foreach_add_(self.buf, delta)
+        update = torch._foreach_add(delta, self.buf, alpha=self.momentum)
+        torch._foreach_add_(theta, update, alpha=-self.lr)
+
+
+class DelayedNesterov:
+    """Delayed Nesterov for a parameter server (Liu et al. 2024, arXiv 2401.09135; the exact
+    rule as implemented in github.com/utnslab/halos, src/halos/opt.py).
+
+    Every arrival moves theta by lr*delta/N at once; every N-th arrival also folds the
+    buffer's average into the momentum and applies it. With c=0, after each full buffer the
+    parameters equal Nesterov SGD applied to the buffer averages. `c` (momentum activation,
+    0 <= c <= 1/N) applies a fraction of the momentum at every arrival instead.
+    """
+
+    def __init__(self, lr: float, momentum: float, buffer_size: int, activation: float = 0.0):
+        if buffer_size < 1:
+            raise ValueError("buffer_size must be >= 1")
+        self.lr, self.momentum, self.N, self.c = lr, momentum, buffer_size, activation
+        self.m: Tensors | None = None
+        self.acc: Tensors | None = None
+        self.arrivals = 0
+
+    @torch.no_grad()
+    def step(self, theta: Tensors, delta: Tensors) -> None:
+        N, c, beta = self.N, self.c, self.momentum
+        if self.m is None:
+            self.m = [torch.zeros_like(d) for d in delta]
+            self.acc = [torch.zeros_like(d) for d in delta]
+        self.arrivals += 1
+        torch._foreach_add_(self.acc, delta)
+        if self.arrivals % N == 0:
+            torch._foreach_mul_(self.m, beta)
+            torch._foreach_add_(self.m, self.acc, alpha=1.0 / N)
+            torch._foreach_add_(theta, self.m, alpha=-self.lr * (1 - c * N + c) * beta)
+            for a in self.acc:
+                a.zero_()
+        elif c > 0:
+            torch._foreach_add_(theta, self.m, alpha=-self.lr * c * beta)
+        torch._foreach_add_(theta, delta, alpha=-self.lr / N)

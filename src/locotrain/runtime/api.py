@@ -1,0 +1,206 @@
+"""The contract between algorithms and runtimes.
+
+An algorithm is a set of processes. A process is a generator function `run(ctx)` that
+yields a handful of blocking primitives and calls a few non-blocking ones:
+
+    loss  = yield ctx.train(steps)            # inner steps on this worker's own shard
+    grads = yield ctx.gradients()             # one forward/backward, no optimizer step
+    ctx.apply(grads)                          # clip + optimizer step with given gradients
+    h     = ctx.start_all_reduce(tensors, codec)   # mean over all workers, non-blocking
+    mean  = yield ctx.wait(h)                 # (or: mean = yield ctx.all_reduce(...))
+    h     = ctx.send(dst, tensors, codec, meta)    # point-to-point, non-blocking
+    msg   = yield ctx.recv(src=None)          # next message (from anyone)
+    yield ctx.server_step()                   # the modelled cost of one server update
+    ctx.now(); ctx.publish(params, tokens, updates); ctx.record_staleness(s)
+
+The simulated runtime (runtime/sim.py) runs every process on one machine with a virtual
+clock; the real runtime (runtime/torchdist.py) runs one process per rank over
+torch.distributed. Algorithms never know which one runs them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generator
+
+import torch
+
+from ..codecs import Codec
+
+Tensors = list[torch.Tensor]
+
+
+# --------------------------------------------------------------------------- blocking ops
+
+
+@dataclass
+class Train:
+    steps: int
+    progress: float | None  # LR schedule position for the whole task; None = own step count
+
+
+@dataclass
+class Gradients:
+    pass
+
+
+@dataclass
+class Wait:
+    handle: "Handle"
+
+
+@dataclass
+class Recv:
+    src: str | None
+
+
+@dataclass
+class ServerStep:
+    pass
+
+
+Op = Train | Gradients | Wait | Recv | ServerStep
+
+
+@dataclass
+class Message:
+    src: str
+    tensors: Tensors
+    meta: dict
+    sent_at: float
+
+
+@dataclass
+class Handle:
+    """A non-blocking operation in flight; `yield ctx.wait(handle)` returns its result."""
+    kind: str
+    done: bool = False
+    result: Any = None
+    state: dict = field(default_factory=dict)  # runtime-private
+
+
+# --------------------------------------------------------------------------- context
+
+
+class Context(ABC):
+    """What a process can do. One context per process."""
+
+    name: str
+    worker: int | None  # index of the worker this process drives, None for servers
+    params: dict[str, torch.Tensor]  # the worker's working parameters (workers only)
+
+    @abstractmethod
+    def now(self) -> float:
+        """Seconds since the start: virtual in the simulator, wall clock for real."""
+
+    # -- worker compute ------------------------------------------------------------
+    def train(self, steps: int, progress: float | None = None) -> Train:
+        return Train(steps, progress)
+
+    def gradients(self) -> Gradients:
+        return Gradients()
+
+    @abstractmethod
+    def apply(self, grads: Tensors, progress: float | None = None) -> None:
+        """Clip `grads`, take one inner optimizer step with them."""
+
+    @abstractmethod
+    def reset_optimizer(self) -> None:
+        """Forget the inner optimizer state (the DeepMind notebook's per-task AdamW)."""
+
+    # -- communication -------------------------------------------------------------
+    @abstractmethod
+    def start_all_reduce(self, tensors: Tensors, codec: Codec) -> Handle:
+        """Mean over all workers. With a lossy codec every contribution is encoded and the
+        mean is encoded once more (a quantised reduce-scatter, then all-gather)."""
+
+    def all_reduce(self, tensors: Tensors, codec: Codec) -> Wait:
+        return Wait(self.start_all_reduce(tensors, codec))
+
+    def wait(self, handle: Handle) -> Wait:
+        return Wait(handle)
+
+    @abstractmethod
+    def send(self, dst: str, tensors: Tensors, codec: Codec, meta: dict | None = None) -> Handle:
+        """Send tensors (encoded with codec) and a small dict of numbers to process `dst`."""
+
+    def recv(self, src: str | None = None) -> Recv:
+        return Recv(src)
+
+    def server_step(self) -> ServerStep:
+        return ServerStep()
+
+    # -- records -------------------------------------------------------------------
+    @abstractmethod
+    def publish(self, params: Tensors, tokens: int, updates: int) -> None:
+        """Declare the current global model, which has seen `tokens` training tokens after
+        `updates` outer/server updates. The runtime evaluates it when an evaluation is due."""
+
+    @abstractmethod
+    def record_staleness(self, staleness: int) -> None:
+        """Server versions between a worker's pull and its push, for one applied update."""
+
+    def log(self, text: str) -> None:
+        """A line for the run's log (failures, stragglers, decisions)."""
+
+
+@dataclass
+class Process:
+    name: str
+    region: int
+    run: Callable[[Context], Generator[Op, Any, None]]
+    worker: int | None = None
+
+
+class Algorithm(ABC):
+    """One training algorithm: builds its processes from the job description."""
+
+    name = "base"
+    #: True if every worker runs the same number of steps in lock-step; the runtime then
+    #: indexes the LR schedule by each worker's own step count.
+    synchronous = True
+
+    def __init__(self, cfg, job: "Job"):
+        self.cfg = cfg
+        self.job = job
+
+    @abstractmethod
+    def processes(self) -> list[Process]:
+        ...
+
+
+@dataclass
+class WorkerInfo:
+    index: int
+    region: int
+    speed: float
+    batch_size: int
+
+
+@dataclass
+class Job:
+    """What an algorithm may know about the run it is part of."""
+    workers: list[WorkerInfo]
+    regions: list[str]
+    param_names: list[str]
+    param_shapes: list[tuple[int, ...]]
+    total_tokens: int
+    seq_len: int
+    depth: int
+
+    @property
+    def M(self) -> int:
+        return len(self.workers)
+
+    def tokens_per_step(self, worker: int) -> int:
+        return self.workers[worker].batch_size * self.seq_len
+
+    @property
+    def planned_steps(self) -> int:
+        """Inner steps per worker when all workers step together until the budget is spent."""
+        per_step = sum(self.tokens_per_step(w.index) for w in self.workers)
+        return max(1, -(-self.total_tokens // per_step))
+
+    def worker_name(self, index: int) -> str:
+        return f"w{index}"

@@ -1,0 +1,306 @@
+"""Model + data + loss + evaluation + sampling behind one small interface.
+
+Two workloads share the backbone in models/backbone.py:
+
+* `ar_gpt`: causal next-character prediction; validation is the exact cross-entropy in nats
+  per character, and bits per character (bpc) = nats / ln 2.
+* `masked_diffusion`: the same backbone, bidirectional, with one extra input token [MASK].
+  Training loss is MDLM's continuous-time bound (Sahoo et al. 2024, arXiv 2406.07524, and
+  github.com/kuleshov-group/mdlm): a per-sequence mask rate t ~ U(eps, 1), cross-entropy on
+  the masked positions only, weighted by 1/t and divided by the sequence length; the head
+  has no mask logit and unmasked positions carry over, so the loss bounds the NLL.
+  Validation uses the same bound in its exact-count form (LLaDA's estimator,
+  github.com/ML-GSAI/LLaDA): mask exactly l of the N scored characters, l stratified over
+  1..N, and average the mean cross-entropy of the masked characters. Both forms have the
+  same expectation (integrate the binomial mask count against 1/t), the second with far
+  less variance, so "<= X bpc" is an upper bound comparable with the AR number.
+
+Fair comparison (../docs/workloads.md): both models are scored on the same validation
+windows of seq_len + 1 characters and on the same target characters w[1:] (the AR model
+conditions on w[:-1]; the diffusion model sees w[1:] only). With a never-masked prefix of P
+characters, both are scored on w[P+1:] only (`eval.score_from`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .data import Corpus, val_windows
+from .models.backbone import Backbone, Params, forward, init_params, rotary_tables
+
+LN2 = math.log(2.0)
+MIN_MASK_RATE = 1e-3  # MDLM's sampling_eps: keeps the 1/t weight finite
+
+
+@dataclass
+class EvalResult:
+    val_loss: float  # nats per character (an upper bound for the diffusion model)
+    val_bpc: float
+    stderr_bpc: float  # Monte-Carlo standard error (0 for the exact AR number)
+    is_bound: bool
+    windows: int
+
+    def describe(self) -> str:
+        if self.is_bound:
+            return f"<= {self.val_bpc:.4f} bpc (+-{self.stderr_bpc:.4f})"
+        return f"{self.val_bpc:.4f} bpc"
+
+
+@dataclass
+class SampleResult:
+    text: str
+    steps: int  # model evaluations used
+    chars: int  # characters generated
+
+    @property
+    def steps_per_char(self) -> float:
+        return self.steps / max(1, self.chars)
+
+
+class Workload(ABC):
+    """A language-modelling task on one corpus: parameters in, loss out."""
+
+    name = "base"
+    summary = ""
+    causal = True
+
+    def __init__(self, cfg: Config, corpus: Corpus, device: str | torch.device = "cpu"):
+        self.cfg = cfg
+        self.corpus = corpus
+        self.tokenizer = corpus.tokenizer
+        self.device = torch.device(device)
+        m = cfg.model
+        V = corpus.tokenizer.vocab_size
+        self.spec = Backbone(
+            vocab_in=V + (0 if self.causal else 1), vocab_out=V, depth=m.depth, width=m.width,
+            heads=m.heads, seq_len=m.seq_len, causal=self.causal, dropout=m.dropout,
+            softcap=m.softcap, latent_input=(not self.causal and cfg.workload.loopholing),
+        )
+        self.rotary = rotary_tables(self.spec, self.device)
+        self.window = m.seq_len + 1  # every training and validation window
+        self.score_from = cfg.eval.score_from if cfg.eval.score_from >= 0 else cfg.workload.context_len
+        self.amp = self.device.type == "cuda"
+
+    # -- parameters ---------------------------------------------------------------
+    def init_params(self, seed: int) -> Params:
+        params = init_params(self.spec, torch.Generator().manual_seed(seed))
+        return {k: v.to(self.device) for k, v in params.items()}
+
+    def num_params(self) -> int:
+        return self.spec.num_params()
+
+    def autocast(self):
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _forward(self, params: Params, tokens: torch.Tensor, latent=None, train=False):
+        with self.autocast():
+            return forward(self.spec, params, tokens, self.rotary, latent=latent, train=train)
+
+    # -- what each workload defines ------------------------------------------------
+    @abstractmethod
+    def loss(self, params: Params, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Training loss of a batch of windows (B, seq_len + 1)."""
+
+    @abstractmethod
+    def evaluate(self, params: Params, limit: int = 0) -> EvalResult:
+        """Validation loss on the fixed windows (`limit` > 0: an evenly spaced subset)."""
+
+    @abstractmethod
+    def sample(self, params: Params, prompt: str, chars: int, generator: torch.Generator) -> SampleResult:
+        """`chars` new characters after `prompt`."""
+
+    def val_windows(self, limit: int = 0) -> torch.Tensor:
+        return val_windows(self.corpus.val, self.window, limit).to(self.device)
+
+
+class ARGPT(Workload):
+    name = "ar_gpt"
+    summary = "character-level GPT, causal; exact bits per character"
+    causal = True
+
+    def loss(self, params, batch, generator):
+        logits, _ = self._forward(params, batch[:, :-1], train=True)
+        return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+
+    @torch.no_grad()
+    def evaluate(self, params, limit=0):
+        windows = self.val_windows(limit)
+        total, count = 0.0, 0
+        for chunk in windows.split(self.cfg.eval.batch_size):
+            logits, _ = self._forward(params, chunk[:, :-1])
+            nll = F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none")
+            nll = nll[:, self.score_from:]
+            total += nll.double().sum().item()
+            count += nll.numel()
+        loss = total / count
+        return EvalResult(loss, loss / LN2, 0.0, False, len(windows))
+
+    @torch.no_grad()
+    def sample(self, params, prompt, chars, generator):
+        ids = self.tokenizer.encode(prompt or "\n")
+        x = torch.tensor([ids], device=self.device)
+        temperature = self.cfg.sample.temperature
+        for _ in range(chars):
+            logits, _ = self._forward(params, x[:, -self.spec.seq_len:])
+            nxt = _pick(logits[0, -1], temperature, generator)
+            x = torch.cat([x, nxt.view(1, 1)], dim=1)
+        return SampleResult(self.tokenizer.decode(x[0].tolist()), chars, chars)
+
+
+class MaskedDiffusion(Workload):
+    name = "masked_diffusion"
+    summary = "masked text diffusion on the same backbone; NELBO bound in bits per character"
+    causal = False
+
+    def __init__(self, cfg, corpus, device="cpu"):
+        super().__init__(cfg, corpus, device)
+        self.mask_id = corpus.tokenizer.vocab_size
+        self.context_len = cfg.workload.context_len
+        self.loopholing = cfg.workload.loopholing
+
+    def _predict(self, params, x, train=False, generator=None):
+        """Logits for input x, with Loopholing's two passes where enabled.
+
+        Loopholing (Jo et al. 2025, arXiv 2510.19304) trains with self-conditioning: a first
+        pass with an empty latent, no gradient; a second pass that adds its final hidden
+        state. `self_cond_rate` is the fraction of training batches that take two passes."""
+        if not self.loopholing:
+            return self._forward(params, x, train=train)[0]
+        latent = torch.zeros(*x.shape, self.spec.width, device=x.device)
+        rate = self.cfg.workload.self_cond_rate
+        if not train or torch.rand((), generator=generator).item() < rate:
+            with torch.no_grad():
+                latent = self._forward(params, x, latent=latent, train=train)[1].float()
+        return self._forward(params, x, latent=latent, train=train)[0]
+
+    def loss(self, params, batch, generator):
+        x = batch[:, 1:]  # the same target characters as the AR model scores
+        B, T = x.shape
+        P = self.context_len
+        # Stratified mask rates across the batch (MDLM's low-discrepancy sampler).
+        u = torch.rand((), generator=generator).item()
+        t = (torch.arange(B, dtype=torch.float32) + u) / B
+        t = (MIN_MASK_RATE + (1 - MIN_MASK_RATE) * t).to(x.device)
+        draws = torch.rand(B, T, generator=generator).to(x.device)
+        mask = draws < t[:, None]
+        mask[:, :P] = False
+        logits = self._predict(params, torch.where(mask, self.mask_id, x), True, generator)
+        nll = F.cross_entropy(logits.transpose(1, 2), x, reduction="none")
+        per_seq = (nll * mask).sum(1) / (t * (T - P))
+        return per_seq.mean()
+
+    @torch.no_grad()
+    def evaluate(self, params, limit=0):
+        """NELBO in the exact-count form, `eval.samples` stratified draws per window.
+
+        Standard error: the collapsed-strata estimator (pairs of neighbouring strata), which
+        overstates the Monte-Carlo variance slightly, so the reported error is conservative."""
+        K = self.cfg.eval.samples
+        P = self.score_from
+        generator = torch.Generator().manual_seed(1234)  # the same masks every evaluation
+        windows = self.val_windows(limit)[:, 1:]
+        W, T = windows.shape
+        N = T - P
+        per_window = torch.empty(W, K, dtype=torch.float64)
+        rows = max(1, self.cfg.eval.batch_size // K) if K <= self.cfg.eval.batch_size else 1
+        for w0 in range(0, W, rows):
+            chunk = windows[w0:w0 + rows]
+            n = len(chunk)
+            x = chunk.repeat_interleave(K, dim=0)  # (n*K, T)
+            u = torch.rand(n, 1, generator=generator)
+            ell = 1 + ((torch.arange(K)[None, :] + u) * N / K).long().clamp(max=N - 1)  # 1..N
+            ranks = torch.rand(n * K, N, generator=generator).argsort(dim=1).argsort(dim=1)
+            mask = torch.zeros(n * K, T, dtype=torch.bool)
+            mask[:, P:] = ranks < ell.view(-1, 1)
+            mask = mask.to(x.device)
+            logits = self._predict(params, torch.where(mask, self.mask_id, x))
+            nll = F.cross_entropy(logits.transpose(1, 2), x, reduction="none")
+            mean_masked = (nll * mask).sum(1).double() / mask.sum(1)
+            per_window[w0:w0 + n] = mean_masked.view(n, K).cpu()
+        estimate = per_window.mean().item()
+        pairs = per_window[:, : K - K % 2].view(W, -1, 2)
+        var_w = ((pairs[..., 0] - pairs[..., 1]) ** 2).sum(1) / K**2 if K >= 2 else per_window.var()
+        stderr = math.sqrt(var_w.sum().item()) / W
+        return EvalResult(estimate, estimate / LN2, stderr / LN2, True, W)
+
+    @torch.no_grad()
+    def sample(self, params, prompt, chars, generator):
+        """Block-wise generation: every block of seq_len characters is conditioned on the last
+        `context` characters generated so far (tiny-diffusion's continuous blocks)."""
+        T = self.spec.seq_len
+        context = self.context_len or T // 4
+        ids = self.tokenizer.encode(prompt or "\n")[-(T - 1):]
+        out, steps, target = list(ids), 0, len(ids) + chars
+        while len(out) < target:
+            ctx = out[-context:] if len(out) > len(ids) else out
+            new = min(T - len(ctx), target - len(out))
+            block, n_steps = self._denoise(params, ctx, new, generator)
+            out += block
+            steps += n_steps
+        return SampleResult(self.tokenizer.decode(out), steps, chars)
+
+    def _denoise(self, params, ctx: list[int], new: int, generator) -> tuple[list[int], int]:
+        s = self.cfg.sample
+        x = torch.tensor([ctx + [self.mask_id] * new], device=self.device)
+        gen_pos = torch.arange(len(ctx), len(ctx) + new, device=self.device)
+        latent = torch.zeros(1, x.size(1), self.spec.width, device=self.device)
+        steps = 0
+
+        def predict(x, latent):
+            if self.loopholing:
+                logits, hidden = self._forward(params, x, latent=latent)
+                return logits, hidden.float()
+            return self._forward(params, x)[0], latent
+
+        if s.method == "remask":
+            # Iterative refinement (RoBERTaDiffusion-style): predict every generated position,
+            # then re-mask a random, shrinking fraction of them; the last step keeps all.
+            n_steps = max(1, s.steps)
+            for i in range(n_steps):
+                logits, latent = predict(x, latent)
+                x[0, gen_pos] = _pick(logits[0, gen_pos], s.temperature, generator)
+                keep_masked = int(round(new * (1 - (i + 1) / n_steps)))
+                if keep_masked:
+                    order = torch.randperm(new, generator=generator)[:keep_masked].to(self.device)
+                    x[0, gen_pos[order]] = self.mask_id
+                steps += 1
+        else:
+            # Confidence-threshold parallel decoding (Fast-dLLM style): commit every masked
+            # position whose top probability reaches the threshold, at least one per step.
+            while (x[0] == self.mask_id).any():
+                logits, latent = predict(x, latent)
+                masked = (x[0] == self.mask_id).nonzero().squeeze(1)
+                probs = logits[0, masked].softmax(-1)
+                conf = probs.max(-1).values
+                commit = conf >= s.threshold
+                if not commit.any():
+                    commit[conf.argmax()] = True
+                chosen = _pick(logits[0, masked[commit]], s.temperature, generator)
+                x[0, masked[commit]] = chosen
+                steps += 1
+        return x[0, len(ctx):].tolist(), steps
+
+
+def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """Sample ids from logits (..., V) at a temperature; 0 means argmax."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1).cpu()
+    flat = torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=generator)
+    return flat.view(probs.shape[:-1]).to(logits.device)
+
+
+WORKLOADS = {"ar_gpt": ARGPT, "masked_diffusion": MaskedDiffusion}
+
+
+def build_workload(cfg: Config, corpus: Corpus, device="cpu") -> Workload:
+    return WORKLOADS[cfg.workload.name](cfg, corpus, device)
