@@ -268,6 +268,10 @@ def validate(cfg: Config) -> None:
             "workload.context_len and workload.loopholing apply to masked_diffusion only; "
             "set workload.name=masked_diffusion or drop them"
         )
+    w = cfg.workload
+    if w.name == "masked_diffusion" and 0 <= cfg.eval.score_from < w.context_len:
+        raise UserError(f"eval.score_from ({cfg.eval.score_from}) must be >= workload.context_len "
+                        f"({w.context_len}): the diffusion model never learned to fill its prefix")
     if not 0 < cfg.sample.threshold <= 1 or cfg.sample.temperature < 0:
         raise UserError("sample.threshold must be in (0, 1] and sample.temperature >= 0")
 
@@ -281,7 +285,8 @@ def _type_name(tp: Any) -> str:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if dataclasses.is_dataclass(tp):
         return "table"
-    return getattr(tp, "__name__", str(tp))
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(tp, str(tp))
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -309,7 +314,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return float(value)
     if tp in (int, float, str, bool) and type(value) is tp:
         return value
-    raise UserError(f"{where} must be a {_type_name(tp)}, got {value!r}")
+    raise UserError(f"{where} must be {_type_name(tp)}, got {value!r}")
 
 
 def _build(cls: type, data: dict, prefix: str = "") -> Any:

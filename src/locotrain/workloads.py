@@ -5,15 +5,16 @@ Two workloads share the backbone in models/backbone.py:
 * `ar_gpt`: causal next-character prediction; validation is the exact cross-entropy in nats
   per character, and bits per character (bpc) = nats / ln 2.
 * `masked_diffusion`: the same backbone, bidirectional, with one extra input token [MASK].
-  Training loss is MDLM's continuous-time bound (Sahoo et al. 2024, arXiv 2406.07524, and
-  github.com/kuleshov-group/mdlm): a per-sequence mask rate t ~ U(eps, 1), cross-entropy on
-  the masked positions only, weighted by 1/t and divided by the sequence length; the head
-  has no mask logit and unmasked positions carry over, so the loss bounds the NLL.
-  Validation uses the same bound in its exact-count form (LLaDA's estimator,
-  github.com/ML-GSAI/LLaDA): mask exactly l of the N scored characters, l stratified over
-  1..N, and average the mean cross-entropy of the masked characters. Both forms have the
-  same expectation (integrate the binomial mask count against 1/t), the second with far
-  less variance, so "<= X bpc" is an upper bound comparable with the AR number.
+  The loss is MDLM's bound on the NLL (Sahoo et al. 2024, arXiv 2406.07524,
+  github.com/kuleshov-group/mdlm): cross-entropy on masked positions only, weighted per
+  sequence by 1/t, with no mask logit in the head and unmasked positions carried over.
+  We use its exact-count form (LLaDA's likelihood estimator, github.com/ML-GSAI/LLaDA):
+  mask exactly l of the N scored characters and weight by N/l, i.e. take the mean
+  cross-entropy of the masked characters. Integrating the binomial mask count of the
+  continuous form against 1/t gives exactly this, with l uniform on 1..N, so both forms
+  have the same expectation; the count form has far less variance at small t. Training
+  stratifies t over the batch, validation stratifies l over `eval.samples` draws per
+  window, so "<= X bpc" is an upper bound comparable with the AR number.
 
 Fair comparison (../docs/workloads.md): both models are scored on the same validation
 windows of seq_len + 1 characters and on the same target characters w[1:] (the AR model
@@ -36,7 +37,6 @@ from .data import Corpus, val_windows
 from .models.backbone import Backbone, Params, forward, init_params, rotary_tables
 
 LN2 = math.log(2.0)
-MIN_MASK_RATE = 1e-3  # MDLM's sampling_eps: keeps the 1/t weight finite
 
 
 @dataclass
@@ -182,21 +182,33 @@ class MaskedDiffusion(Workload):
                 latent = self._forward(params, x, latent=latent, train=train)[1].float()
         return self._forward(params, x, latent=latent, train=train)[0]
 
+    def _mask_exactly(self, n_seq: int, T: int, P: int, ell: torch.Tensor, generator) -> torch.Tensor:
+        """A (n_seq, T) mask with exactly ell[i] masked positions among positions >= P,
+        chosen uniformly at random."""
+        ranks = torch.rand(n_seq, T - P, generator=generator).argsort(dim=1).argsort(dim=1)
+        mask = torch.zeros(n_seq, T, dtype=torch.bool)
+        mask[:, P:] = ranks < ell.view(-1, 1)
+        return mask.to(self.device)
+
+    def _masked_nll(self, params, x, mask, train=False, generator=None) -> torch.Tensor:
+        """Mean cross-entropy over the masked positions of each sequence: (n_seq,)."""
+        logits = self._predict(params, torch.where(mask, self.mask_id, x), train, generator)
+        nll = F.cross_entropy(logits.transpose(1, 2), x, reduction="none")
+        return (nll * mask).sum(1) / mask.sum(1)
+
     def loss(self, params, batch, generator):
+        """The bound with mask rates stratified across the batch (MDLM's low-discrepancy
+        sampler) and exactly l = ceil(t N) masked characters per sequence, weighted N / l.
+        Drawing the count instead of Bernoulli masks keeps the bound and removes the
+        variance of tiny t, where one masked character would carry a weight of 1/t."""
         x = batch[:, 1:]  # the same target characters as the AR model scores
         B, T = x.shape
-        P = self.context_len
-        # Stratified mask rates across the batch (MDLM's low-discrepancy sampler).
+        N = T - self.context_len
         u = torch.rand((), generator=generator).item()
-        t = (torch.arange(B, dtype=torch.float32) + u) / B
-        t = (MIN_MASK_RATE + (1 - MIN_MASK_RATE) * t).to(x.device)
-        draws = torch.rand(B, T, generator=generator).to(x.device)
-        mask = draws < t[:, None]
-        mask[:, :P] = False
-        logits = self._predict(params, torch.where(mask, self.mask_id, x), True, generator)
-        nll = F.cross_entropy(logits.transpose(1, 2), x, reduction="none")
-        per_seq = (nll * mask).sum(1) / (t * (T - P))
-        return per_seq.mean()
+        t = (torch.arange(B, dtype=torch.float64) + u) / B
+        ell = (t * N).ceil().long().clamp(1, N)
+        mask = self._mask_exactly(B, T, self.context_len, ell, generator)
+        return self._masked_nll(params, x, mask, True, generator).mean()
 
     @torch.no_grad()
     def evaluate(self, params, limit=0):
@@ -218,14 +230,8 @@ class MaskedDiffusion(Workload):
             x = chunk.repeat_interleave(K, dim=0)  # (n*K, T)
             u = torch.rand(n, 1, generator=generator)
             ell = 1 + ((torch.arange(K)[None, :] + u) * N / K).long().clamp(max=N - 1)  # 1..N
-            ranks = torch.rand(n * K, N, generator=generator).argsort(dim=1).argsort(dim=1)
-            mask = torch.zeros(n * K, T, dtype=torch.bool)
-            mask[:, P:] = ranks < ell.view(-1, 1)
-            mask = mask.to(x.device)
-            logits = self._predict(params, torch.where(mask, self.mask_id, x))
-            nll = F.cross_entropy(logits.transpose(1, 2), x, reduction="none")
-            mean_masked = (nll * mask).sum(1).double() / mask.sum(1)
-            per_window[w0:w0 + n] = mean_masked.view(n, K).cpu()
+            mask = self._mask_exactly(n * K, T, P, ell, generator)
+            per_window[w0:w0 + n] = self._masked_nll(params, x, mask).double().view(n, K).cpu()
         estimate = per_window.mean().item()
         pairs = per_window[:, : K - K % 2].view(W, -1, 2)
         var_w = ((pairs[..., 0] - pairs[..., 1]) ** 2).sum(1) / K**2 if K >= 2 else per_window.var()

@@ -1,0 +1,19 @@
+import pytest
+
+from locotrain.config import load_config
+
+# A model small enough that a whole run takes a second or two on 2 CPU cores.
+TINY = [
+    "model.depth=1", "model.width=32", "model.heads=2", "model.seq_len=16",
+    "train.tokens=8192", "train.batch_size=8", "eval.windows=16", "eval.samples=4",
+    "sample.chars=40",
+]
+
+
+def tiny_config(*overrides: str):
+    return load_config("quickstart", TINY + list(overrides))[1]
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config
