@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,11 +91,10 @@ def train(cfg: Config, out: Path | None, *, force: bool = False, quiet: bool = F
     params0 = wl.init_params(cfg.train.seed)
     train_tokens = setup.corpus.train.to(wl.device)
     shards = make_shards(train_tokens, job.M, cfg.data.shards, wl.window, cfg.train.seed)
-    loss_fn = wl.loss
     if cfg.train.compile and wl.device.type == "cuda":
-        loss_fn = torch.compile(wl.loss)
+        wl.compile()
     workers = [WorkerState(w.index, wl, params0, shards[w.index], w.batch_size, cfg.train,
-                           job.planned_steps, loss_fn) for w in job.workers]
+                           job.planned_steps) for w in job.workers]
     step_times = [cluster.step_time(w.index, wl.spec.flops_per_token(), wl.spec.seq_len)
                   for w in job.workers]
     recorder = Recorder(wl, job.param_names, cfg.train.tokens, cfg.eval.every, cfg.eval.windows,
@@ -135,6 +135,9 @@ def _summary(cfg, setup, recorder, final, runtime, elapsed) -> dict:
         "peak_payload_bytes": runtime.peak_payload,
         "utilization": final["utilization"],
         "device": str(setup.workload.device),
+        # host seconds per inner step (median over compute spans; on CUDA the host runs
+        # ahead of the GPU only as far as its launch queue allows, as in nanoGPT's timing)
+        "step_time_median_s": statistics.median(runtime.wall_per_step) if runtime.wall_per_step else 0.0,
     }
     if "val_bpc_stderr" in final:
         s["final_val_bpc_stderr"] = final["val_bpc_stderr"]

@@ -87,6 +87,12 @@ class Workload(ABC):
         self.window = m.seq_len + 1  # every training and validation window
         self.score_from = cfg.eval.score_from if cfg.eval.score_from >= 0 else cfg.workload.context_len
         self.amp = self.device.type == "cuda"
+        self._train_forward = forward
+
+    def compile(self) -> None:
+        """torch.compile the training forward pass (fixed shapes; eval and sampling, whose
+        shapes vary, stay eager)."""
+        self._train_forward = torch.compile(forward, dynamic=False)
 
     # -- parameters ---------------------------------------------------------------
     def init_params(self, seed: int) -> Params:
@@ -102,8 +108,9 @@ class Workload(ABC):
         return contextlib.nullcontext()
 
     def _forward(self, params: Params, tokens: torch.Tensor, latent=None, train=False):
+        fn = self._train_forward if train else forward
         with self.autocast():
-            return forward(self.spec, params, tokens, self.rotary, latent=latent, train=train)
+            return fn(self.spec, params, tokens, self.rotary, latent=latent, train=train)
 
     # -- what each workload defines ------------------------------------------------
     @abstractmethod

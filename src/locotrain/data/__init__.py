@@ -113,7 +113,8 @@ class Shard:
         blocks = torch.randint(len(self.block_starts), (batch_size,), generator=generator)
         offsets = torch.randint(self.block_len - length + 1, (batch_size,), generator=generator)
         starts = self.block_starts[blocks] + offsets
-        return self.tokens[starts[:, None] + torch.arange(length)]
+        index = starts[:, None] + torch.arange(length)
+        return self.tokens[index.to(self.tokens.device, non_blocking=True)]
 
 
 def make_shards(train: torch.Tensor, workers: int, mode: str, window: int, seed: int) -> list[Shard]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -128,6 +129,7 @@ class SimRuntime:
         self.tokens = 0
         self.staleness: list[int] = []
         self.peak_payload = 0
+        self.wall_per_step: list[float] = []  # real seconds per inner step, per compute span
 
     # -- the loop -------------------------------------------------------------------
     def run(self) -> None:
@@ -195,7 +197,9 @@ class SimRuntime:
 
     def _compute(self, proc: _Proc, steps: int, work) -> None:
         w = proc.worker.index
+        started = time.perf_counter()
         result = work()
+        self.wall_per_step.append((time.perf_counter() - started) / steps)
         seconds = steps * self.step_times[w]
         if self.cluster.cfg.jitter > 0:
             seconds *= max(0.1, 1.0 + self.cluster.cfg.jitter * self._jitter[w].gauss(0.0, 1.0))

@@ -13,8 +13,7 @@ from ..workloads import Workload
 
 class WorkerState:
     def __init__(self, index: int, workload: Workload, params0: dict[str, torch.Tensor],
-                 shard: Shard, batch_size: int, train: TrainConfig, planned_steps: int,
-                 loss_fn=None):
+                 shard: Shard, batch_size: int, train: TrainConfig, planned_steps: int):
         self.index = index
         self.workload = workload
         self.shard = shard
@@ -24,7 +23,6 @@ class WorkerState:
         self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params0.items()}
         self.tensors = list(self.params.values())
         self.generator = torch.Generator().manual_seed(train.seed * 1_000_003 + 7919 * index + 1)
-        self.loss_fn = loss_fn or workload.loss
         self.steps = 0
         self.opt = self._make_optimizer()
 
@@ -49,7 +47,7 @@ class WorkerState:
 
     def _backward(self) -> torch.Tensor:
         batch = self.shard.batch(self.batch_size, self.workload.window, self.generator)
-        loss = self.loss_fn(self.params, batch, self.generator)
+        loss = self.workload.loss(self.params, batch, self.generator)
         for p in self.tensors:
             p.grad = None
         loss.backward()
