@@ -1,6 +1,11 @@
 import pytest
+import torch
 
 from locotrain.config import load_config
+
+# The test models are tiny: one thread avoids OpenMP contention, which on a busy 2-core
+# machine made them ten times slower.
+torch.set_num_threads(1)
 
 # A model small enough that a whole run takes a second or two on 2 CPU cores.
 TINY = [

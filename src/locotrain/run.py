@@ -79,9 +79,23 @@ def prepare_out_dir(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+@dataclass
+class Result:
+    summary: dict
+    params: dict[str, torch.Tensor]  # the final global model
+    runtime: SimRuntime
+    evals: list[dict]
+
+
 def train(cfg: Config, out: Path | None, *, force: bool = False, quiet: bool = False,
           label: str = "") -> dict:
     """Train with the configured algorithm on the simulated cluster. Returns the summary."""
+    return simulate(cfg, out, force=force, quiet=quiet, label=label).summary
+
+
+def simulate(cfg: Config, out: Path | None = None, *, force: bool = False, quiet: bool = True,
+             label: str = "") -> Result:
+    """Train on the simulated cluster; write the run folder if `out` is given."""
     setup = build(cfg)
     if out is not None:
         prepare_out_dir(out, force)
@@ -106,10 +120,10 @@ def train(cfg: Config, out: Path | None, *, force: bool = False, quiet: bool = F
     final = recorder.finish()
     elapsed = recorder.elapsed()
     summary = _summary(cfg, setup, recorder, final, runtime, elapsed)
+    final_params = dict(zip(job.param_names, recorder.last[0]))
     if out is not None:
-        final_params = dict(zip(job.param_names, recorder.last[0]))
         _write_outputs(out, cfg, setup, final_params, summary, recorder, runtime)
-    return summary
+    return Result(summary, final_params, runtime, recorder.evals)
 
 
 def _summary(cfg, setup, recorder, final, runtime, elapsed) -> dict:

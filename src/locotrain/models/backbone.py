@@ -123,7 +123,7 @@ def forward(
     B, T = tokens.shape
     cos, sin = rotary[0][:T], rotary[1][:T]
     p_drop = spec.dropout if train else 0.0
-    x = params["wte"][tokens]
+    x = F.dropout(params["wte"][tokens], p_drop, training=train)  # as nanoGPT's embedding dropout
     if latent is not None:
         x = x + F.layer_norm(latent, (spec.width,), params["latent_ln.w"], params["latent_ln.b"])
     x = _rms_norm(x)

@@ -1,0 +1,94 @@
+"""Overlap Local-SGD (Wang, Liang, Joshi, ICASSP 2020, arXiv 2002.09539; the authors' code is
+github.com/JYWa/Overlap_Local_SGD); see docs/algorithms.md section 6.
+
+Local SGD with the synchronisation hidden behind computation. Every worker keeps an anchor z,
+the average of the workers' models from the previous sync point. At sync point k (after
+every H local steps, their tau):
+
+    z_k = wait for the all-reduce started at sync point k-1   (k = 1: the initial params)
+    x  <- (1 - pull) * x + pull * z_k          pull the local model toward the stale anchor
+    beta > 0:  u <- beta * u + (z_k - x);  y = z_k - u        anchor momentum (u starts at 0)
+    beta = 0:  y = x
+    start all-reduce(mean of y) -> z_{k+1}     it runs during the next H local steps
+
+`pull` is the paper's alpha, `anchor_momentum` its beta. The paper scales u by 1/lr and y by
+lr; with a constant factor both cancel, so we keep u in parameter units (an inner LR schedule
+would otherwise rescale the momentum every step). The local optimizer is each worker's inner
+optimizer (AdamW by default), as for every algorithm of this package, where the paper uses
+SGD with momentum. pull = 1 pins the anchor at the initial parameters (every worker sends
+z_k, so the mean is z_k again); pull = 0 never pulls, and with M = 1 that is plain training.
+
+End of run (our choice): after the last sync point we wait for its all-reduce and take that
+mean as the final global model, so the last H steps of every worker are included. This is the
+only blocking wait of a run. The global model published for evaluation is the anchor, the
+only model all workers agree on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..codecs import make_codec
+from ..errors import UserError
+from ..runtime.api import Algorithm, Process
+
+
+class OverlapLocalSGD(Algorithm):
+    name = "overlap_local_sgd"
+
+    def __init__(self, cfg, job):
+        super().__init__(cfg, job)
+        if cfg.H < 1:
+            raise UserError(f"algorithm.H (local steps per sync, tau) must be >= 1, got {cfg.H}")
+        if not 0.0 <= cfg.pull <= 1.0:
+            raise UserError(f"algorithm.pull must be in [0, 1], got {cfg.pull}")
+        if not 0.0 <= cfg.anchor_momentum < 1.0:
+            raise UserError(f"algorithm.anchor_momentum must be in [0, 1), got {cfg.anchor_momentum}")
+
+    def processes(self):
+        return [Process(self.job.worker_name(w.index), w.region, self.worker, worker=w.index)
+                for w in self.job.workers]
+
+    def rounds(self) -> list[int]:
+        """Local steps between sync points: H, H, ..., and a shorter last round if needed."""
+        total, H = self.job.planned_steps, self.cfg.H
+        return [min(H, total - start) for start in range(0, total, H)]
+
+    def worker(self, ctx):
+        job, cfg = self.job, self.cfg
+        pull, beta = cfg.pull, cfg.anchor_momentum
+        codec = make_codec(cfg.codec, cfg.codec_block)
+        params = list(ctx.params.values())
+        z = [p.detach().clone() for p in params]  # anchor z_1: the initial parameters
+        u = [torch.zeros_like(t) for t in z] if beta > 0 else None
+        tokens_per_step = sum(job.tokens_per_step(m) for m in range(job.M))
+        if ctx.worker == 0:
+            ctx.publish(z, 0, 0)
+        pending, done = None, 0  # done: local steps so far
+        for k, h in enumerate(self.rounds()):
+            yield ctx.train(h)
+            if pending is not None:
+                # The anchor z_k averages the y's of sync point k-1, i.e. rounds 1..k-1.
+                z = yield ctx.wait(pending)
+                if ctx.worker == 0:
+                    ctx.publish(z, done * tokens_per_step, k)
+            done += h
+            with torch.no_grad():
+                for p, a in zip(params, z):
+                    p.mul_(1.0 - pull).add_(a, alpha=pull)  # exact at pull = 0 and pull = 1
+                if u is None:
+                    y = [p.detach().clone() for p in params]  # a snapshot: x keeps training
+                else:
+                    for b, a, p in zip(u, z, params):
+                        b.mul_(beta).add_(a - p)  # u starts at 0, so the first u is z - x
+                    y = [a - b for a, b in zip(z, u)]
+            if cfg.reset_inner_state_each_round:
+                ctx.reset_optimizer()
+            pending = ctx.start_all_reduce(y, codec)  # overlaps the next H local steps
+        # End of run: the last sync point's mean is the final global model.
+        z = yield ctx.wait(pending)
+        if ctx.worker == 0:
+            ctx.publish(z, done * tokens_per_step, len(self.rounds()))
+
+
+ALGORITHM = OverlapLocalSGD

@@ -1,0 +1,150 @@
+"""Streaming DiLoCo (Douillard et al. 2025, arXiv 2501.18512): DiLoCo that syncs the model
+one fragment at a time, overlaps each fragment's all-reduce with `tau` inner steps, and mixes
+the returned global fragment into the local one with weight `alpha`.
+
+Fragments. The L transformer blocks are split into P = `fragments` groups of F = L/P blocks:
+"strided" puts blocks {p, p+P, p+2P, ...} in fragment p (the paper's default), "sequential"
+puts blocks [pF, (p+1)F). The paper does not say where the embedding, the head and other
+non-block tensors (latent_ln) go: `embeddings = "first"` adds them to fragment 0,
+`embeddings = "own"` makes them one extra fragment (index P), so Q = P or P+1 fragments sync.
+Every block trains at every inner step; nothing is frozen.
+
+Schedule, as in torchft (github.com/pytorch/torchft, torchft/local_sgd.py): fragment p sends
+after local step t whenever t >= t_p = (p+1)H/Q and (t - t_p) % H == 0, i.e. one fragment
+every H/Q steps, round-robin, and receives tau steps later (tau = 0: at once). H % Q == 0 and
+tau < H/Q, so at most one fragment is ever in flight.
+
+Per fragment every worker keeps the global snapshot theta_p and its own outer Nesterov state
+(identical on all workers). Send: delta_p = theta_p - phi_p. Receive: theta_p <- Nesterov
+step with the mean delta, then phi_p <- alpha phi_p + (1 - alpha) theta_p.
+
+End of run (our choice; neither source defines it). After the planned S inner steps, a
+fragment still in flight is received and merged as usual (it counts as synced: re-sending it
+at once would carry only alpha times its < tau fresh steps, and with alpha = 0 an exact zero
+delta, i.e. a pure outer-momentum step). Then every other fragment whose last send came
+before step S (or that never sent) does one final blocking sync at step S, so the final
+global model contains all training. This costs at most one extra model of bytes per run. With
+one fragment the schedule is exactly DiLoCo's, including a shorter last round.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..codecs import make_codec
+from ..errors import UserError
+from ..optim import Nesterov
+from ..runtime.api import Algorithm, Process
+
+_BLOCK = re.compile(r"^h(\d+)\.")
+
+
+class StreamingDiLoCo(Algorithm):
+    name = "streaming"
+
+    def __init__(self, cfg, job):
+        super().__init__(cfg, job)
+        P, L = cfg.fragments, job.depth
+        if cfg.H < 1:
+            raise UserError(f"algorithm.H must be >= 1, got {cfg.H}")
+        if P < 1 or L % P:
+            raise UserError(f"model.depth ({L}) must be divisible by algorithm.fragments ({P}); "
+                            "pick a number of fragments that divides the depth")
+        Q = len(self.fragments())
+        if cfg.H % Q:
+            own = " = algorithm.fragments + 1, as algorithm.embeddings = own" if Q > P else ""
+            raise UserError(f"algorithm.H ({cfg.H}) must be divisible by the number of fragments "
+                            f"({Q}{own}); pick H as a multiple of {Q}")
+        if not 0 <= cfg.tau < cfg.H // Q:
+            raise UserError(f"algorithm.tau ({cfg.tau}) must be in [0, algorithm.H / fragments) "
+                            f"= [0, {cfg.H // Q}): at most one fragment may be in flight")
+        if not 0.0 <= cfg.alpha <= 1.0:
+            raise UserError(f"algorithm.alpha must be in [0, 1], got {cfg.alpha}")
+
+    def processes(self):
+        return [Process(self.job.worker_name(w.index), w.region, self.worker, worker=w.index)
+                for w in self.job.workers]
+
+    def fragments(self) -> list[list[str]]:
+        """Parameter names of each fragment, each in job.param_names order."""
+        P, L, cfg = self.cfg.fragments, self.job.depth, self.cfg
+        F = L // P
+        if cfg.fragment_pattern == "strided":
+            owner = {b: b % P for b in range(L)}
+        else:
+            owner = {b: b // F for b in range(L)}
+        Q = P + (cfg.embeddings == "own")
+        frags: list[list[str]] = [[] for _ in range(Q)]
+        for name in self.job.param_names:
+            m = _BLOCK.match(name)
+            # Non-block tensors (embedding, head, latent_ln) join fragment 0 or sync alone.
+            frags[owner[int(m.group(1))] if m else (Q - 1 if Q > P else 0)].append(name)
+        return frags
+
+    def worker(self, ctx):
+        job, cfg = self.job, self.cfg
+        codec = make_codec(cfg.codec, cfg.codec_block)
+        frags = self.fragments()
+        Q, S, alpha, tau = len(frags), job.planned_steps, cfg.alpha, cfg.tau
+        gap = cfg.H // Q  # steps between two consecutive fragment sends
+        phi = ctx.params
+        theta = {n: phi[n].detach().clone() for n in job.param_names}
+        outer = [Nesterov(cfg.outer_lr, cfg.outer_momentum) for _ in frags]
+        tokens_per_step = sum(job.tokens_per_step(m) for m in range(job.M))
+        state = {"received": 0}
+        if ctx.worker == 0:
+            blocks = [sorted({int(m.group(1)) for n in f if (m := _BLOCK.match(n))}) for f in frags]
+            ctx.log(f"streaming: {Q} fragment{'s' * (Q > 1)} ({cfg.fragment_pattern}, embeddings {cfg.embeddings}): "
+                    + "; ".join(f"f{p} blocks {b} + {[n for n in f if not _BLOCK.match(n)]} "
+                                f"({sum(phi[n].numel() for n in f)} values)"
+                                for p, (f, b) in enumerate(zip(frags, blocks))))
+            ctx.publish([theta[n] for n in job.param_names], 0, 0)
+
+        def send(p):
+            with torch.no_grad():
+                delta = [theta[n] - phi[n] for n in frags[p]]
+            return ctx.start_all_reduce(delta, codec)  # the runtime snapshots the payload
+
+        def receive(p, handle, step):
+            mean = yield ctx.wait(handle)
+            outer[p].step([theta[n] for n in frags[p]], mean)
+            with torch.no_grad():  # in place, so the inner optimizer keeps these tensors
+                for n in frags[p]:
+                    phi[n].lerp_(theta[n], 1.0 - alpha)  # exact theta at alpha=0
+            state["received"] += 1
+            if cfg.reset_inner_state_each_round and p == Q - 1:
+                ctx.reset_optimizer()
+            if ctx.worker == 0:
+                ctx.publish([theta[n] for n in job.param_names], step * tokens_per_step,
+                            state["received"])
+
+        last_send = [0] * Q  # steps are 1-based, so 0 = never sent
+        inflight = None  # (fragment, handle, step at which it is received)
+        t = 0
+        while t < S:
+            nxt = min(S, (t // gap + 1) * gap)
+            if inflight is not None:
+                nxt = min(nxt, inflight[2])
+            yield ctx.train(nxt - t)
+            t = nxt
+            if inflight is not None and inflight[2] == t:
+                yield from receive(inflight[0], inflight[1], t)
+                inflight = None
+            if t % gap == 0:  # fragment (t/gap - 1) mod Q is due (tau < gap: never the one above)
+                p = (t // gap - 1) % Q
+                handle, last_send[p] = send(p), t
+                if tau == 0:
+                    yield from receive(p, handle, t)
+                else:
+                    inflight = (p, handle, t + tau)
+        if inflight is not None:
+            yield from receive(inflight[0], inflight[1], S)
+            last_send[inflight[0]] = S
+        for p in range(Q):
+            if last_send[p] < S:
+                yield from receive(p, send(p), S)
+
+
+ALGORITHM = StreamingDiLoCo
