@@ -12,6 +12,9 @@ TINY = [
     "model.depth=1", "model.width=32", "model.heads=2", "model.seq_len=16",
     "train.tokens=8192", "train.batch_size=8", "eval.windows=16", "eval.samples=4",
     "sample.chars=40",
+    # one worker on an unmodelled device, whatever the quickstart's cluster is
+    "algorithm.name=ddp", "algorithm.H=50", "algorithm.fragments=1", "algorithm.tau=0",
+    "algorithm.alpha=0", "cluster.preset=single", "cluster.size=0", "cluster.step_time_s=0",
 ]
 
 

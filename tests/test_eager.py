@@ -104,7 +104,8 @@ def test_single_replica_eager_is_diloco(outer_lr):
               "algorithm.outer_momentum=0"]
     eager = simulate(tiny_config("algorithm.name=eager", *common)).params
     diloco = simulate(tiny_config("algorithm.name=diloco", *common)).params
-    close(list(eager.values()), list(diloco.values()))
+    # float rounding of x - (x - phi) vs phi, carried through AdamW: ~5e-7 seen
+    close(list(eager.values()), list(diloco.values()), atol=2e-6)
     naive = simulate(tiny_config("algorithm.name=eager", "algorithm.mode=naive", *common)).params
     assert max((naive[k] - diloco[k]).abs().max() for k in diloco) > 1e-4  # and naive is not
 

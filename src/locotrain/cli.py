@@ -35,34 +35,47 @@ def cmd_run(args) -> None:
           f"{s['sim_time_s']:.1f} s simulated -> {out}")
 
 
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """'eager+mode=naive+H=100' -> ('eager', ['algorithm.name=eager', 'algorithm.mode=naive',
+    'algorithm.H=100']): an algorithm with some of its keys changed."""
+    name, *changes = spec.strip().split("+")
+    for change in changes:
+        if "=" not in change:
+            raise UserError(f"algorithm variant '{spec}': expected name+key=value+..., e.g. "
+                            "diloco+H=100")
+    return name, [f"algorithm.name={name}"] + [f"algorithm.{c}" for c in changes]
+
+
 def cmd_compare(args) -> None:
     from .config import load_config
     from .run import build, prepare_out_dir, train
 
-    overrides = list(args.set)
-    name, cfg = load_config(args.config, overrides)
-    algorithms = args.algorithms.split(",") if args.algorithms else cfg.compare.algorithms
+    name, cfg = load_config(args.config, args.set)
+    variants = args.algorithms.split(",") if args.algorithms else cfg.compare.algorithms
+    if len(set(variants)) != len(variants):
+        raise UserError(f"--algorithms lists a variant twice: {', '.join(variants)}")
     configs = {}
-    for algo in algorithms:  # check every configuration before training any
-        _, c = load_config(args.config, overrides + [f"algorithm.name={algo}"])
+    for spec in variants:  # check every configuration before training any
+        _, changes = parse_variant(spec)
+        _, c = load_config(args.config, list(args.set) + changes)
         build(c)
-        configs[algo] = c
+        configs[spec] = c
     out = Path(args.out) if args.out else _default_out(name, "compare")
+    if (out / "comparison.md").exists() and not args.force:
+        raise UserError(f"'{out}' already holds a comparison; pass --force or another --out")
     prepare_out_dir(out, args.force)
-    if (out / "comparison.md").exists():
-        if not args.force:
-            raise UserError(f"'{out}' already holds a comparison; pass --force or another --out")
     summaries, evals = {}, {}
-    for algo, c in configs.items():
-        summaries[algo] = train(c, out / algo, force=args.force, quiet=args.quiet, label=algo)
-        lines = (out / algo / "metrics.jsonl").read_text().splitlines()
-        evals[algo] = [e for e in map(json.loads, lines) if e["event"] == "eval"]
+    for spec, c in configs.items():
+        folder = out / spec.replace("+", "_").replace("=", "-")
+        summaries[spec] = train(c, folder, force=args.force, quiet=args.quiet, label=spec)
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        evals[spec] = [e for e in map(json.loads, lines) if e["event"] == "eval"]
     target = cfg.compare.target_bpc or max(s["best_val_bpc"] for s in summaries.values())
     table = report.comparison_markdown(summaries, evals, target)
     report.plot_curves(out / "loss_vs_tokens.png", evals, "tokens", "training tokens", name)
     report.plot_curves(out / "loss_vs_time.png", evals, "sim_time_s", "simulated time (s)", name)
     report.plot_curves(out / "loss_vs_bytes.png", evals, "bytes_sent", "bytes sent", name, logx=True)
-    atomic_write(out / "comparison.md", f"# {name}: {', '.join(algorithms)}\n\n{table}")
+    atomic_write(out / "comparison.md", f"# {name}: {', '.join(variants)}\n\n{table}")
     atomic_write(out / "summary.json", json.dumps(summaries, indent=2))
     print(table)
     print(f"-> {out}")
@@ -137,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("compare", help="train several algorithms on the same cluster and data")
     common(p)
-    p.add_argument("--algorithms", help="comma-separated, e.g. ddp,diloco,streaming")
+    p.add_argument("--algorithms", help="comma-separated variants, e.g. "
+                   "ddp,diloco,diloco+H=100,eager+mode=naive (default: compare.algorithms)")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("sample", help="print text from a finished run")
     p.add_argument("dir", help="the run folder")

@@ -113,7 +113,7 @@ class AlgorithmConfig:
     fragments: int = 1  # P; model.depth must be divisible by it
     fragment_pattern: str = choice("strided", "strided", "sequential")
     embeddings: str = choice("first", "first", "own")  # wte/head join fragment 0, or sync alone
-    tau: int = 0  # inner steps a fragment's all-reduce may overlap; tau < H / fragments
+    tau: int = 0  # inner steps a fragment's all-reduce may overlap; tau < H / (fragments synced)
     alpha: float = 0.0  # merge: local = alpha * local + (1 - alpha) * global
     # eager / naive one-outer-step delay
     mode: str = choice("eager", "eager", "naive")

@@ -50,6 +50,7 @@ class Recorder:
         self.logs: list[str] = []
         self.loss_sum = None
         self.loss_steps = 0
+        self.quiet = quiet
         self.bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=label or None,
                         disable=quiet, dynamic_ncols=True, leave=True)
 
@@ -68,7 +69,8 @@ class Recorder:
     def log(self, text: str) -> None:
         self.logs.append(text)
         self._write({"event": "log", "time_s": self.elapsed(), "text": text})
-        self.bar.write(text)
+        if not self.quiet:
+            self.bar.write(text)
 
     # -- evaluation -------------------------------------------------------------------
     def elapsed(self) -> float:

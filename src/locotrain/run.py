@@ -56,8 +56,11 @@ def build(cfg: Config) -> Setup:
     cluster = Cluster(cfg.cluster, cfg.train.batch_size)
     make_codec(cfg.algorithm.codec, cfg.algorithm.codec_block)  # fail early on a bad codec
     names = list(workload.spec.param_shapes())
+    step_times = [cluster.step_time(w.index, workload.spec.flops_per_token(), workload.spec.seq_len)
+                  for w in cluster.workers]
     job = Job(
-        workers=[WorkerInfo(w.index, w.region, w.speed, w.batch_size) for w in cluster.workers],
+        workers=[WorkerInfo(w.index, w.region, w.speed, w.batch_size, step_times[w.index])
+                 for w in cluster.workers],
         regions=cluster.regions, param_names=names,
         param_shapes=[workload.spec.param_shapes()[n] for n in names],
         total_tokens=cfg.train.tokens, seq_len=cfg.model.seq_len, depth=cfg.model.depth,
@@ -109,13 +112,12 @@ def simulate(cfg: Config, out: Path | None = None, *, force: bool = False, quiet
         wl.compile()
     workers = [WorkerState(w.index, wl, params0, shards[w.index], w.batch_size, cfg.train,
                            job.planned_steps) for w in job.workers]
-    step_times = [cluster.step_time(w.index, wl.spec.flops_per_token(), wl.spec.seq_len)
-                  for w in job.workers]
+    step_times = [w.step_time for w in job.workers]
     recorder = Recorder(wl, job.param_names, cfg.train.tokens, cfg.eval.every, cfg.eval.windows,
                         out / "metrics.jsonl" if out else None,
                         label=label or cfg.algorithm.name, quiet=quiet)
     runtime = SimRuntime(cluster, job, setup.algorithm, workers, step_times, recorder,
-                         seed=cfg.train.seed)
+                         [params0[n] for n in job.param_names], seed=cfg.train.seed)
     runtime.run()
     final = recorder.finish()
     elapsed = recorder.elapsed()

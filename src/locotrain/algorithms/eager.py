@@ -13,19 +13,19 @@ its own previous delta D_m^{t-1}. At the end of round t (Dbar^s = mean over repl
     naive:  input = Dbar^{t-1}                             (same on every replica)
     x_m^t = Outer_m(x_m^{t-1}, input);  phi_m := x_m^t
 
-The first round uses Dbar^0 = D_m^0 = 0 (the paper's algorithm starts the same way; the spec
-marks it [design]): eager applies only D_m^1 / M, naive applies nothing.
+The first round uses Dbar^0 = D_m^0 = 0 (a [design] choice of docs/algorithms.md 3.1): eager
+applies only D_m^1 / M, naive applies nothing.
 
-End of run (our choice; the paper trains for a fixed number of rounds and does not say): after
-round T the mean Dbar^T is still in flight. We wait for it and take one last outer step with
-input Dbar^T - D_m^T / M (eager; the own term D_m^T / M was already applied in round T) or
-Dbar^T (naive). Because Nesterov is linear in its inputs, every mean Dbar^1..Dbar^T then
-enters every replica's outer optimizer exactly once with weight 1, and no replica's own work
-is lost or counted twice. The wait is the only blocking communication of a run. With outer
-momentum the last step still carries the momentum term, as any outer step does.
+End of run (our choice; the spec leaves it open): after round T the mean Dbar^T is still in
+flight. We wait for it and take one last outer step with input Dbar^T - D_m^T / M (eager; the
+own term D_m^T / M was already applied in round T) or Dbar^T (naive). The inputs of every
+replica then sum to Dbar^1 + ... + Dbar^T: every mean enters its (linear) Nesterov exactly
+once, and no replica's own work is lost or counted twice. This wait is the only blocking
+communication of a run. With outer momentum the last step still carries the momentum term,
+as any outer step does.
 
 The global model is replica 0's x_0 (replicas differ only in when their own term was applied).
-With M=1 eager applies D^t in round t, which is DiLoCo exactly (pinned by a test).
+With M=1 eager applies D^t in round t: DiLoCo up to float rounding (pinned by a test).
 """
 
 from __future__ import annotations

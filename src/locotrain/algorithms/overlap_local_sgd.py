@@ -11,11 +11,12 @@ every H local steps, their tau):
     beta = 0:  y = x
     start all-reduce(mean of y) -> z_{k+1}     it runs during the next H local steps
 
-`pull` is the paper's alpha, `anchor_momentum` its beta. The paper scales u by 1/lr and y by
-lr; with a constant factor both cancel, so we keep u in parameter units (an inner LR schedule
-would otherwise rescale the momentum every step). The local optimizer is each worker's inner
-optimizer (AdamW by default), as for every algorithm of this package, where the paper uses
-SGD with momentum. pull = 1 pins the anchor at the initial parameters (every worker sends
+`pull` is the paper's alpha, `anchor_momentum` its beta. The paper divides (z - x) by the
+learning rate lr and multiplies u by lr again in y; with a constant lr the two cancel, so we
+keep u in parameter units (with a schedule, their form would also rescale the old momentum by
+lr_k / lr_{k-1} at every sync; we leave that out, and AdamW steps are not lr * gradient
+anyway). The local optimizer is each worker's inner optimizer (AdamW by default), as for every
+algorithm of this package, where the paper uses SGD with momentum. pull = 1 pins the anchor at the initial parameters (every worker sends
 z_k, so the mean is z_k again); pull = 0 never pulls, and with M = 1 that is plain training.
 
 End of run (our choice): after the last sync point we wait for its all-reduce and take that
@@ -43,7 +44,8 @@ class OverlapLocalSGD(Algorithm):
         if not 0.0 <= cfg.pull <= 1.0:
             raise UserError(f"algorithm.pull must be in [0, 1], got {cfg.pull}")
         if not 0.0 <= cfg.anchor_momentum < 1.0:
-            raise UserError(f"algorithm.anchor_momentum must be in [0, 1), got {cfg.anchor_momentum}")
+            raise UserError("algorithm.anchor_momentum must be in [0, 1), "
+                            f"got {cfg.anchor_momentum}")
 
     def processes(self):
         return [Process(self.job.worker_name(w.index), w.region, self.worker, worker=w.index)

@@ -94,12 +94,15 @@ class StreamingDiLoCo(Algorithm):
         outer = [Nesterov(cfg.outer_lr, cfg.outer_momentum) for _ in frags]
         tokens_per_step = sum(job.tokens_per_step(m) for m in range(job.M))
         state = {"received": 0}
-        if ctx.worker == 0:
-            blocks = [sorted({int(m.group(1)) for n in f if (m := _BLOCK.match(n))}) for f in frags]
-            ctx.log(f"streaming: {Q} fragment{'s' * (Q > 1)} ({cfg.fragment_pattern}, embeddings {cfg.embeddings}): "
-                    + "; ".join(f"f{p} blocks {b} + {[n for n in f if not _BLOCK.match(n)]} "
-                                f"({sum(phi[n].numel() for n in f)} values)"
-                                for p, (f, b) in enumerate(zip(frags, blocks))))
+        if ctx.worker == 0:  # the layout once, so a run's log says what each sync carries
+            parts = []
+            for p, f in enumerate(frags):
+                blocks = sorted({int(m.group(1)) for n in f if (m := _BLOCK.match(n))})
+                other = [n for n in f if not _BLOCK.match(n)]
+                parts.append(f"f{p} = blocks {blocks}{' + ' + ', '.join(other) if other else ''} "
+                             f"({sum(phi[n].numel() for n in f)} values)")
+            ctx.log(f"streaming: {Q} fragments ({cfg.fragment_pattern}, embeddings "
+                    f"{cfg.embeddings}): " + "; ".join(parts))
             ctx.publish([theta[n] for n in job.param_names], 0, 0)
 
         def send(p):
@@ -132,7 +135,7 @@ class StreamingDiLoCo(Algorithm):
             if inflight is not None and inflight[2] == t:
                 yield from receive(inflight[0], inflight[1], t)
                 inflight = None
-            if t % gap == 0:  # fragment (t/gap - 1) mod Q is due (tau < gap: never the one above)
+            if t % gap == 0:  # fragment (t/gap - 1) mod Q sends; tau < gap, so not a receive step
                 p = (t // gap - 1) % Q
                 handle, last_send[p] = send(p), t
                 if tau == 0:

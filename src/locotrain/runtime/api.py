@@ -10,6 +10,7 @@ yields a handful of blocking primitives and calls a few non-blocking ones:
     mean  = yield ctx.wait(h)                 # (or: mean = yield ctx.all_reduce(...))
     h     = ctx.send(dst, tensors, codec, meta)    # point-to-point, non-blocking
     msg   = yield ctx.recv(src=None)          # next message (from anyone)
+    msg   = yield ctx.recv(timeout=0.5)       # ... or None after 0.5 s
     yield ctx.server_step()                   # the modelled cost of one server update
     ctx.now(); ctx.publish(params, tokens, updates); ctx.record_staleness(s)
 
@@ -53,6 +54,7 @@ class Wait:
 @dataclass
 class Recv:
     src: str | None
+    timeout: float | None = None  # seconds; on timeout the receive returns None
 
 
 @dataclass
@@ -91,6 +93,10 @@ class Context(ABC):
     params: dict[str, torch.Tensor]  # the worker's working parameters (workers only)
 
     @abstractmethod
+    def initial_params(self) -> Tensors:
+        """A fresh copy of the model every worker starts from (in job.param_names order)."""
+
+    @abstractmethod
     def now(self) -> float:
         """Seconds since the start: virtual in the simulator, wall clock for real."""
 
@@ -125,8 +131,8 @@ class Context(ABC):
     def send(self, dst: str, tensors: Tensors, codec: Codec, meta: dict | None = None) -> Handle:
         """Send tensors (encoded with codec) and a small dict of numbers to process `dst`."""
 
-    def recv(self, src: str | None = None) -> Recv:
-        return Recv(src)
+    def recv(self, src: str | None = None, timeout: float | None = None) -> Recv:
+        return Recv(src, timeout)
 
     def server_step(self) -> ServerStep:
         return ServerStep()
@@ -174,8 +180,9 @@ class Algorithm(ABC):
 class WorkerInfo:
     index: int
     region: int
-    speed: float
+    speed: float  # relative device speed
     batch_size: int
+    step_time: float  # seconds per inner step: modelled in the simulator, measured for real
 
 
 @dataclass

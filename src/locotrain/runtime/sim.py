@@ -81,6 +81,9 @@ class _SimContext(Context):
     def now(self) -> float:
         return self._rt.time
 
+    def initial_params(self):
+        return [t.detach().clone() for t in self._rt.initial]
+
     def apply(self, grads, progress=None):
         self._proc.worker.apply(grads, progress)
 
@@ -105,8 +108,10 @@ class _SimContext(Context):
 
 class SimRuntime:
     def __init__(self, cluster: Cluster, job: Job, algorithm: Algorithm,
-                 workers: list[WorkerState], step_times: list[float], recorder, seed: int = 0):
+                 workers: list[WorkerState], step_times: list[float], recorder,
+                 initial: list[torch.Tensor], seed: int = 0):
         self.cluster, self.job, self.algorithm = cluster, job, algorithm
+        self.initial = initial
         self.recorder = recorder
         self.step_times = step_times
         self.time = 0.0
@@ -157,7 +162,12 @@ class SimRuntime:
 
     def _drive(self, proc: _Proc, value) -> None:
         """Run a process until it blocks; the blocking primitive decides when it resumes."""
-        if isinstance(value, _Finished):  # a compute span ended: count it, hand back the result
+        if isinstance(value, _Timeout):
+            if proc.waiting is not value.recv:  # the message came first: a stale timer
+                return
+            proc.span("idle", proc.wait_start, self.time)
+            proc.waiting, value = None, None
+        elif isinstance(value, _Finished):  # a compute span ended: count it, hand back the result
             self.inner_steps += value.steps
             self.tokens += value.tokens
             self.recorder.on_train(value.tokens, value.steps, value.loss)
@@ -188,10 +198,12 @@ class SimRuntime:
                 return
             if isinstance(op, Recv):
                 msg = self._take(proc, op.src)
-                if msg is not None:
+                if msg is not None or op.timeout == 0:
                     value = msg
                     continue
                 proc.waiting, proc.wait_start = op, self.time
+                if op.timeout is not None:
+                    self._schedule(self.time + op.timeout, proc, _Timeout(op))
                 return
             raise TypeError(f"{proc.name} yielded {op!r}, which is not a runtime primitive")
 
@@ -218,8 +230,8 @@ class SimRuntime:
         proc.collectives += 1
         handle = Handle("all_reduce")
         M = len(self.worker_procs)
-        if M == 1 and codec.lossless:  # nothing to exchange
-            handle.done, handle.result = True, list(tensors)
+        if M == 1 and codec.lossless:  # nothing to exchange; still a snapshot, as promised
+            handle.done, handle.result = True, [t.detach().clone() for t in tensors]
             return handle
         coll = self._collectives.setdefault(key, {"parts": {}, "handles": [], "like": tensors})
         flat = flatten(tensors)
@@ -320,6 +332,11 @@ class SimRuntime:
     def timeline(self) -> list[dict]:
         return [{"process": p.name, "kind": k, "start": s, "end": e}
                 for p in self.procs for k, s, e in p.spans]
+
+
+@dataclass
+class _Timeout:
+    recv: Recv
 
 
 @dataclass

@@ -1,0 +1,192 @@
+"""Asynchronous Local-SGD (Liu et al. 2024, "Asynchronous Local-SGD Training for Language
+Modeling", arXiv 2401.09135; the DeepMind toy notebook github.com/google-deepmind/asyncdiloco).
+
+One parameter server holds theta. A worker pulls theta (noting its version), runs H_w inner
+steps, pushes delta = theta_pulled - phi, and gets a new task with the latest theta. The
+server applies every arrival at once, with
+  * `server_optimizer = "nesterov"`: a Nesterov step per arrival, the naive baseline that
+    over-accelerates stale directions, or
+  * `"delayed_nesterov"`: the paper's fix (optim.DelayedNesterov): each arrival moves theta by
+    lr*delta/N at once and the momentum is applied once per N arrivals (N = `buffer_size`,
+    default the number of workers; `momentum_activation` = c).
+`staleness_weighting` scales an arrival by (sqrt(M)/M)/sqrt(1 + staleness) ("polynomial") or
+sqrt(M)/M ("constant"), as the notebook's alternatives.
+
+Dynamic local updates (DyLU, the paper's Eq. 6): H_w = floor(H * v_w / max_j v_j) (or ceil,
+`dylu_rounding`), at least 1, where v_w is worker w's step rate. The server starts from the
+rates in the job (modelled in the simulator) and replaces each with the rate the worker
+measures and reports with every push, so a straggler's tasks shrink while it is slow.
+
+A grace period (`grace_period_s` > 0) lets the server wait that long after an arrival for
+others, apply them all, and start every waiting worker from the same theta: with equal
+speeds and no latency this makes the method synchronous DiLoCo (pinned by a test).
+
+The learning-rate schedule of a task is indexed by global progress when it starts (tokens
+handed out so far / budget), as in HALoS and the notebook. The server hands out tasks until
+the token budget is spent (the last task is cut to fit), then tells each worker to stop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..codecs import make_codec
+from ..errors import UserError
+from ..optim import DelayedNesterov, Nesterov
+from ..runtime.api import Algorithm, Process
+
+SERVER = "ps"
+
+
+def dylu_steps(H: int, rate: float, fastest: float, rounding: str) -> int:
+    """Dynamic local updates: the fastest worker runs H steps, others proportionally fewer."""
+    exact = H * rate / fastest
+    steps = math.ceil(exact - 1e-9) if rounding == "ceil" else math.floor(exact + 1e-9)
+    return max(1, steps)
+
+
+def staleness_weight(mode: str, staleness: int, M: int) -> float:
+    if mode == "constant":
+        return math.sqrt(M) / M
+    if mode == "polynomial":
+        return math.sqrt(M) / M / math.sqrt(1 + staleness)
+    return 1.0
+
+
+class TaskPlanner:
+    """Hands out tasks until a token budget is spent; shared by the servers of this family."""
+
+    def __init__(self, cfg, job, workers: list[int], budget: int):
+        self.cfg, self.job, self.budget = cfg, job, budget
+        self.assigned = 0
+        # step rates: modelled or calibrated at first, measured once a worker reports
+        self.rate = {w: 1.0 / job.workers[w].step_time if job.workers[w].step_time > 0 else
+                     job.workers[w].speed for w in workers}
+        self.fastest = max(1.0 / w.step_time if w.step_time > 0 else w.speed for w in job.workers)
+
+    def observe(self, worker: int, steps: int, seconds: float) -> None:
+        if seconds > 0:
+            self.rate[worker] = steps / seconds
+            self.fastest = max(self.fastest, self.rate[worker])
+
+    def next_task(self, worker: int) -> dict | None:
+        """{steps, progress} for the worker's next task, or None when the budget is spent."""
+        left = self.budget - self.assigned
+        if left <= 0:
+            return None
+        H = self.cfg.H
+        if self.cfg.dylu:
+            H = dylu_steps(H, self.rate[worker], self.fastest, self.cfg.dylu_rounding)
+        per_step = self.job.tokens_per_step(worker)
+        steps = min(H, -(-left // per_step))
+        progress = self.assigned / self.budget
+        self.assigned += steps * per_step
+        return {"steps": steps, "progress": progress}
+
+
+def async_worker(job, cfg, server_of):
+    """The worker of Async Local-SGD and HALoS: pull, train, push, repeat until told to stop."""
+    codec = make_codec(cfg.codec, cfg.codec_block)
+
+    def run(ctx):
+        server = server_of(ctx.worker)
+        params = list(ctx.params.values())
+        while True:
+            msg = yield ctx.recv(server)
+            if msg.meta.get("stop"):
+                return
+            with torch.no_grad():
+                for p, t in zip(params, msg.tensors):
+                    p.copy_(t)
+            start = [t.clone() for t in msg.tensors]
+            began = ctx.now()
+            yield ctx.train(msg.meta["steps"], progress=msg.meta["progress"])
+            with torch.no_grad():
+                delta = [s - p for s, p in zip(start, params)]
+            ctx.send(server, delta, codec, {
+                "version": msg.meta["version"], "steps": msg.meta["steps"],
+                "tokens": msg.meta["steps"] * job.tokens_per_step(ctx.worker),
+                "seconds": ctx.now() - began})
+    return run
+
+
+def server_optimizer(cfg, lr: float, momentum: float, buffer: int):
+    if cfg.server_optimizer == "nesterov":
+        return Nesterov(lr, momentum)
+    return DelayedNesterov(lr, momentum, buffer, cfg.momentum_activation)
+
+
+def check_async_config(cfg, job) -> None:
+    if cfg.H < 1:
+        raise UserError(f"algorithm.H must be >= 1, got {cfg.H}")
+    N = cfg.buffer_size or job.M
+    if not 0 <= cfg.momentum_activation <= 1 / N:
+        raise UserError(f"algorithm.momentum_activation must be in [0, 1/buffer_size] = "
+                        f"[0, {1 / N:.4g}], got {cfg.momentum_activation}")
+    if cfg.buffer_size < 0 or cfg.grace_period_s < 0:
+        raise UserError("algorithm.buffer_size and algorithm.grace_period_s must be >= 0")
+
+
+class AsyncLocalSGD(Algorithm):
+    name = "async_local_sgd"
+    synchronous = False
+
+    def __init__(self, cfg, job):
+        super().__init__(cfg, job)
+        check_async_config(cfg, job)
+        self.server_region = job.regions.index(cfg.server_region) if cfg.server_region else 0
+        if cfg.server_region and cfg.server_region not in job.regions:
+            raise UserError(f"algorithm.server_region '{cfg.server_region}' is not a region of "
+                            f"the cluster ({', '.join(job.regions)})")
+
+    def processes(self):
+        worker = async_worker(self.job, self.cfg, lambda w: SERVER)
+        procs = [Process(self.job.worker_name(w.index), w.region, worker, worker=w.index)
+                 for w in self.job.workers]
+        return procs + [Process(SERVER, self.server_region, self.server)]
+
+    def server(self, ctx):
+        job, cfg = self.job, self.cfg
+        codec = make_codec(cfg.codec, cfg.codec_block)
+        planner = TaskPlanner(cfg, job, [w.index for w in job.workers], job.total_tokens)
+        opt = server_optimizer(cfg, cfg.outer_lr, cfg.outer_momentum, cfg.buffer_size or job.M)
+        theta = ctx.initial_params()
+        version, applied_tokens = 0, 0
+        ctx.publish(theta, 0, 0)
+
+        def dispatch(w: int) -> bool:
+            task = planner.next_task(w)
+            if task is None:
+                ctx.send(job.worker_name(w), [], codec, {"stop": True})
+                return False
+            ctx.send(job.worker_name(w), theta, codec, {"version": version, **task})
+            return True
+
+        active = sum(dispatch(w.index) for w in job.workers)
+        while active:
+            arrivals = [(yield ctx.recv())]
+            if cfg.grace_period_s > 0:  # gather whoever else finishes within the grace period
+                while len(arrivals) < active:
+                    msg = yield ctx.recv(timeout=cfg.grace_period_s)
+                    if msg is None:
+                        break
+                    arrivals.append(msg)
+            for msg in arrivals:
+                w = int(msg.src[1:])
+                staleness = version - msg.meta["version"]
+                yield ctx.server_step()
+                weight = staleness_weight(cfg.staleness_weighting, staleness, job.M)
+                delta = msg.tensors if weight == 1.0 else [d * weight for d in msg.tensors]
+                opt.step(theta, delta)
+                version += 1
+                applied_tokens += msg.meta["tokens"]
+                ctx.record_staleness(staleness)
+                planner.observe(w, msg.meta["steps"], msg.meta["seconds"])
+            ctx.publish(theta, applied_tokens, version)
+            for msg in arrivals:
+                active -= not dispatch(int(msg.src[1:]))
+
+
+ALGORITHM = AsyncLocalSGD
