@@ -82,6 +82,16 @@ def main() -> None:
     shard = make_shards(corpus.train.cuda(), 1, "iid", wl.window, 0)[0]
     worker = WorkerState(0, wl, wl.init_params(0), shard, 64, cfg.train, 5000)
     measure("locotrain ar_gpt (compiled forward, fused AdamW)", lambda: worker.train(1))
+    small = WorkerState(1, wl, wl.init_params(0), shard, 16, cfg.train, 5000)
+    for _ in range(30):
+        small.train(1)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(STEPS):
+        small.train(1)
+    torch.cuda.synchronize()
+    print(f"\nbatch 16 (the two-datacenters preset's worker): "
+          f"{(time.perf_counter() - started) / STEPS * 1000:.2f} ms per step")
 
     if args.nanogpt:
         sys.path.insert(0, str(args.nanogpt))
