@@ -118,15 +118,16 @@ def server_optimizer(cfg, lr: float, momentum: float, buffer: int):
     return DelayedNesterov(lr, momentum, buffer, cfg.momentum_activation)
 
 
-def check_async_config(cfg, job) -> None:
+def check_async_config(cfg, buffers: list[int], buffer_keys: str) -> None:
+    """`buffers`: the buffer size N of every delayed-Nesterov optimizer the method runs."""
     if cfg.H < 1:
         raise UserError(f"algorithm.H must be >= 1, got {cfg.H}")
-    N = cfg.buffer_size or job.M
+    if min(buffers) < 1 or cfg.grace_period_s < 0:
+        raise UserError(f"{buffer_keys} must be >= 1 (0 = default) and algorithm.grace_period_s >= 0")
+    N = max(buffers)
     if not 0 <= cfg.momentum_activation <= 1 / N:
-        raise UserError(f"algorithm.momentum_activation must be in [0, 1/buffer_size] = "
-                        f"[0, {1 / N:.4g}], got {cfg.momentum_activation}")
-    if cfg.buffer_size < 0 or cfg.grace_period_s < 0:
-        raise UserError("algorithm.buffer_size and algorithm.grace_period_s must be >= 0")
+        raise UserError(f"algorithm.momentum_activation must be in [0, 1/N] = [0, {1 / N:.4g}] "
+                        f"for the buffer size N = {N} ({buffer_keys}), got {cfg.momentum_activation}")
 
 
 class AsyncLocalSGD(Algorithm):
@@ -135,11 +136,11 @@ class AsyncLocalSGD(Algorithm):
 
     def __init__(self, cfg, job):
         super().__init__(cfg, job)
-        check_async_config(cfg, job)
-        self.server_region = job.regions.index(cfg.server_region) if cfg.server_region else 0
+        check_async_config(cfg, [cfg.buffer_size or job.M], "algorithm.buffer_size")
         if cfg.server_region and cfg.server_region not in job.regions:
             raise UserError(f"algorithm.server_region '{cfg.server_region}' is not a region of "
                             f"the cluster ({', '.join(job.regions)})")
+        self.server_region = job.regions.index(cfg.server_region) if cfg.server_region else 0
 
     def processes(self):
         worker = async_worker(self.job, self.cfg, lambda w: SERVER)

@@ -27,6 +27,8 @@ and tells the global server it is finished. Learning-rate progress is the share 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..codecs import make_codec
@@ -47,7 +49,6 @@ class HALoS(Algorithm):
 
     def __init__(self, cfg, job):
         super().__init__(cfg, job)
-        check_async_config(cfg, job)
         if cfg.K < 1:
             raise UserError(f"algorithm.K must be >= 1, got {cfg.K}")
         if not 0 <= cfg.global_weight <= 1:
@@ -58,12 +59,24 @@ class HALoS(Algorithm):
         self.global_region = job.regions.index(cfg.global_region) if cfg.global_region else 0
         self.regions = sorted({w.region for w in job.workers})
         self.members = {r: [w.index for w in job.workers if w.region == r] for r in self.regions}
+        buffers = [cfg.local_buffer or len(m) for m in self.members.values()]
+        check_async_config(cfg, buffers + [cfg.global_buffer or len(self.regions)],
+                           "algorithm.local_buffer, algorithm.global_buffer")
+        self.shares = self._budget_shares()
+
+    def _budget_shares(self) -> dict[int, int]:
+        """Each region's tokens, in proportion to its throughput, in whole steps where the
+        region's batch sizes allow; the remainder goes to the first region."""
+        job = self.job
         throughput = {r: sum(job.tokens_per_step(w) / max(job.workers[w].step_time, 1e-12)
                              for w in self.members[r]) for r in self.regions}
         total = sum(throughput.values())
-        shares = {r: int(job.total_tokens * throughput[r] / total) for r in self.regions}
+        shares = {}
+        for r in self.regions:
+            step = math.gcd(*(job.tokens_per_step(w) for w in self.members[r]))
+            shares[r] = int(job.total_tokens * throughput[r] / total) // step * step
         shares[self.regions[0]] += job.total_tokens - sum(shares.values())
-        self.shares = shares
+        return shares
 
     def processes(self):
         job = self.job
@@ -138,7 +151,9 @@ class HALoS(Algorithm):
         if updates > merged_at:  # the last change since the last merge
             push()
             merge((yield ctx.recv(GLOBAL)).tensors)
-        ctx.send(GLOBAL, [], codec, {"done": True})
+        # Updates applied while the last exchange was in flight were merged over (HALoS's
+        # rule) but their tokens still count toward the global model's progress.
+        ctx.send(GLOBAL, [], codec, {"done": True, "tokens": tokens_since_push})
 
     def global_server(self, ctx):
         job, cfg = self.job, self.cfg
@@ -153,6 +168,9 @@ class HALoS(Algorithm):
             msg = yield ctx.recv()
             if msg.meta.get("done"):
                 running -= 1
+                if msg.meta["tokens"]:
+                    tokens += msg.meta["tokens"]
+                    ctx.publish(theta, tokens, version)
                 continue
             yield ctx.server_step()
             opt.step(theta, msg.tensors)
