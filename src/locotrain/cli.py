@@ -70,8 +70,11 @@ def cmd_compare(args) -> None:
         summaries[spec] = train(c, folder, force=args.force, quiet=args.quiet, label=spec)
         lines = (folder / "metrics.jsonl").read_text().splitlines()
         evals[spec] = [e for e in map(json.loads, lines) if e["event"] == "eval"]
-    target = cfg.compare.target_bpc or max(s["best_val_bpc"] for s in summaries.values())
-    table = report.comparison_markdown(summaries, evals, target)
+    baseline = summaries[variants[0]]["best_val_bpc"]
+    target = cfg.compare.target_bpc or baseline + cfg.compare.target_margin_bpc
+    note = ("compare.target_bpc" if cfg.compare.target_bpc else
+            f"{variants[0]}'s best + {cfg.compare.target_margin_bpc} (compare.target_margin_bpc)")
+    table = report.comparison_markdown(summaries, evals, target, note)
     report.plot_curves(out / "loss_vs_tokens.png", evals, "tokens", "training tokens", name)
     report.plot_curves(out / "loss_vs_time.png", evals, "sim_time_s", "simulated time (s)", name)
     report.plot_curves(out / "loss_vs_bytes.png", evals, "bytes_sent", "bytes sent", name, logx=True)

@@ -107,7 +107,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def comparison_markdown(summaries: dict[str, dict], evals: dict[str, list[dict]],
-                        target: float) -> str:
+                        target: float, target_note: str = "") -> str:
     time_key = "sim_time_s" if all("sim_time_s" in s for s in summaries.values()) else "time_s"
     head = ("| algorithm | final val bpc | best val bpc | time to "
             f"{target:.3f} bpc (s) | total time (s) | bytes sent | inter-region bytes | "
@@ -121,7 +121,8 @@ def comparison_markdown(summaries: dict[str, dict], evals: dict[str, list[dict]]
             f"{_fmt_bytes(s.get('bytes_sent', 0))} | {_fmt_bytes(s.get('bytes_inter_region', 0))} | "
             f"{_fmt_bytes(s.get('peak_payload_bytes', 0))} | {s.get('utilization', math.nan):.3f} |")
     clock = "simulated" if time_key == "sim_time_s" else "wall-clock"
-    lines += ["", f"Times are {clock} seconds. 'time to target' interpolates between "
-              "evaluations; '-' means the algorithm never reached it. Peak payload is the "
-              "largest encoded message or all-reduce contribution of one worker."]
+    lines += ["", f"Times are {clock} seconds. The target {target:.3f} bpc is {target_note or 'given'}; "
+              "'time to target' interpolates between evaluations, '-' means never reached. "
+              "Peak payload is the largest encoded message or all-reduce contribution of one "
+              "worker."]
     return "\n".join(lines) + "\n"
