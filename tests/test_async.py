@@ -376,7 +376,8 @@ def test_halos_accounting_and_inter_region_bytes_on_halos_4x4():
     regions: with K so large that each local server only sends its final change, the
     inter-region bytes are exactly 3 regions x (u up + theta_g down) + 3 'done' headers, while
     Async Local-SGD sends theta and delta across for every task of a worker outside r0."""
-    common = ["algorithm.H=4", "cluster.preset=halos-4x4", f"train.tokens={64 * TOK}", NO_EVALS]
+    common = ["algorithm.H=4", "algorithm.dylu=true", "cluster.preset=halos-4x4",
+              f"train.tokens={64 * TOK}", NO_EVALS]
     halos = simulate(tiny_config("algorithm.name=halos", "algorithm.K=4", *common))
     tasks = sum(len(spans) for spans in compute_spans(halos))  # latency > 0: one span per task
     assert len(halos.runtime.staleness) == tasks
@@ -462,7 +463,8 @@ def test_good_async_configs_at_the_limits_build():
 
 
 def test_halos_accepts_momentum_activation_up_to_its_own_buffers():
-    """halos-4x4: 4 workers per region and 4 regions, so both DNs have N = 4 and c = 1/4 is
-    valid for both, although 1/4 > 1/M = 1/16 (buffer_size is not used by HALoS)."""
-    build(tiny_config("algorithm.name=halos", "cluster.preset=halos-4x4",
-                      "algorithm.momentum_activation=0.25"))
+    """halos-4x4 with the buffers at their 0 = default settings: 4 workers per region and 4
+    regions, so both DNs have N = 4 and c = 1/4 is valid for both, although 1/4 > 1/M = 1/16
+    (buffer_size is not used by HALoS)."""
+    build(tiny_config("algorithm.name=halos", "cluster.preset=halos-4x4", "algorithm.local_buffer=0",
+                      "algorithm.global_buffer=0", "algorithm.momentum_activation=0.25"))

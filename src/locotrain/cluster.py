@@ -182,6 +182,11 @@ class Cluster:
                 ))
         if not self.workers:
             raise UserError("the cluster has no workers; add [[cluster.workers]] entries")
+        if not 0 <= c.heterogeneity <= 1:
+            raise UserError(f"cluster.heterogeneity must be in [0, 1], got {c.heterogeneity}")
+        fastest = max(w.speed for w in self.workers)
+        for w in self.workers:  # shrink every worker's gap to the fastest by the factor
+            w.speed = fastest - c.heterogeneity * (fastest - w.speed)
         if c.step_time_s < 0 or c.mfu <= 0 or c.jitter < 0:
             raise UserError("cluster.step_time_s must be >= 0, cluster.mfu > 0, cluster.jitter >= 0")
         self.reference_peak = ref_peak

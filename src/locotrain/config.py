@@ -125,18 +125,18 @@ class AlgorithmConfig:
     buffer_size: int = 0  # N of delayed Nesterov; 0 = number of workers
     momentum_activation: float = 0.0  # c of delayed Nesterov, 0 <= c <= 1/N
     staleness_weighting: str = choice("none", "none", "constant", "polynomial")
-    dylu: bool = True  # dynamic local updates: H scaled by worker speed
+    dylu: bool = False  # dynamic local updates: H_w scaled by worker speed (async, halos, diloco)
     dylu_rounding: str = choice("ceil", "ceil", "floor")
     grace_period_s: float = 0.0
     server_region: str = ""  # region of the parameter server; "" = the first region
-    # HALoS
+    # HALoS; defaults from its public example (lr x N as passed there: 0.2 x 16, 0.15 x 2)
     K: int = 32  # worker updates a local server applies before pushing to the global one
-    local_lr: float = 0.2
+    local_lr: float = 3.2
     local_momentum: float = 0.9
-    local_buffer: int = 0  # 0 = workers in the region
-    global_lr: float = 0.15
+    local_buffer: int = 16  # 0 = workers in the region
+    global_lr: float = 0.3
     global_momentum: float = 0.5
-    global_buffer: int = 0  # 0 = number of regions
+    global_buffer: int = 2  # 0 = number of regions
     global_weight: float = 0.25  # local = (1 - w) * local + w * global on receiving the global model
     global_region: str = ""
 
@@ -212,6 +212,7 @@ class ClusterConfig:
     mfu: float = 0.4  # model FLOPs utilisation when step time is derived from FLOPs
     jitter: float = 0.0  # relative std of each compute span (seeded)
     server_compute_s: float = 1e-3  # modelled time of one parameter-server update
+    heterogeneity: float = 1.0  # scales each worker's speed gap to the fastest: 0 = all equal
     allreduce: str = choice("ring", "ring", "hierarchical")
     slowdowns: list[SlowdownSpec] = field(default_factory=list)
     outages: list[OutageSpec] = field(default_factory=list)

@@ -4,6 +4,11 @@ all-reduce, and every worker applies the same outer Nesterov step to its copy of
 
 With M=1, outer_lr=1 and outer_momentum=0 this is plain training; with outer_lr=1 and
 outer_momentum=0 it is parameter averaging (FedAvg). Both are pinned by tests.
+
+`dylu = true` gives HALoS's "DiLoCo + DynUpd" baseline: worker w runs
+H_w = H * v_w / max v steps per round (v = step rate), so that on unequal hardware every
+worker finishes its round at about the same time; the learning rate then follows the share
+of the token budget spent when a round starts.
 """
 
 from __future__ import annotations
@@ -33,6 +38,15 @@ class DiLoCo(Algorithm):
         total, H = self.job.planned_steps, self.cfg.H
         return [min(H, total - start) for start in range(0, total, H)]
 
+    def speed_scaled_rounds(self) -> tuple[list[int], int]:
+        """With dynamic local updates: (steps of each worker per round, number of rounds)."""
+        from .async_local_sgd import dylu_steps
+
+        rates = [1.0 / w.step_time if w.step_time > 0 else w.speed for w in self.job.workers]
+        steps = [dylu_steps(self.cfg.H, r, max(rates), self.cfg.dylu_rounding) for r in rates]
+        per_round = sum(h * self.job.tokens_per_step(m) for m, h in enumerate(steps))
+        return steps, max(1, -(-self.job.total_tokens // per_round))
+
     def worker(self, ctx):
         job, cfg = self.job, self.cfg
         codec = make_codec(cfg.codec, cfg.codec_block)
@@ -42,9 +56,15 @@ class DiLoCo(Algorithm):
         tokens_per_step = sum(job.tokens_per_step(m) for m in range(job.M))
         if ctx.worker == 0:
             ctx.publish(theta, 0, 0)
+        if cfg.dylu:
+            steps, n_rounds = self.speed_scaled_rounds()
+            rounds = [steps[ctx.worker]] * n_rounds
+            tokens_per_round = sum(h * job.tokens_per_step(m) for m, h in enumerate(steps))
+        else:
+            rounds, tokens_per_round = self.rounds(), None
         done = 0
-        for r, h in enumerate(self.rounds()):
-            yield ctx.train(h)
+        for r, h in enumerate(rounds):
+            yield ctx.train(h, progress=r / len(rounds) if cfg.dylu else None)
             done += h
             with torch.no_grad():
                 delta = [t - p for t, p in zip(theta, params)]
@@ -56,7 +76,8 @@ class DiLoCo(Algorithm):
             if cfg.reset_inner_state_each_round:
                 ctx.reset_optimizer()
             if ctx.worker == 0:
-                ctx.publish(theta, done * tokens_per_step, r + 1)
+                tokens = (r + 1) * tokens_per_round if cfg.dylu else done * tokens_per_step
+                ctx.publish(theta, tokens, r + 1)
 
 
 ALGORITHM = DiLoCo
