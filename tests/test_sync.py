@@ -232,3 +232,26 @@ def test_unequal_batch_sizes_weight_the_ddp_gradient_mean():
                              "cluster.workers=[{region='a', batch_size=8}, {region='a', batch_size=24}]",
                              "train.tokens=4096"))
     assert r.summary["tokens"] == 4096 and r.summary["inner_steps"] == 2 * 8
+
+
+def test_speed_scaled_diloco_with_equal_speeds_is_diloco():
+    base = ("algorithm.name=diloco", "algorithm.H=4", "cluster.preset=two-datacenters",
+            "cluster.size=2", "train.tokens=2560")  # 10 steps: a short last round
+    plain = simulate(tiny_config(*base))
+    scaled = simulate(tiny_config(*base, "algorithm.dylu=true"))
+    assert scaled.summary["tokens"] == plain.summary["tokens"]
+    for k in plain.params:
+        assert torch.allclose(plain.params[k], scaled.params[k], atol=1e-7), k
+
+
+def test_speed_scaled_diloco_equalises_round_durations_and_spends_the_budget():
+    r = simulate(tiny_config("algorithm.name=diloco", "algorithm.H=8", "algorithm.dylu=true",
+                             "algorithm.dylu_rounding=floor", "cluster.preset=custom",
+                             "cluster.regions=['a']", "cluster.latency_s=[[0.0]]",
+                             "cluster.bandwidth_gbps=[[0.0]]", f"cluster.step_time_s={STEP}",
+                             "cluster.workers=[{region='a', speed=1.0}, {region='a', speed=0.5}]",
+                             "train.tokens=3072"))  # 24 steps of 8 x 16: two rounds of 8 + 4
+    assert r.summary["tokens"] == 3072 and r.summary["outer_updates"] == 2
+    compute = spans(r, "compute")
+    assert compute == pytest.approx([2 * 8 * STEP, 2 * 4 * STEP / 0.5])  # equal durations
+    assert spans(r, "idle") == pytest.approx([0.0, 0.0], abs=1e-9)

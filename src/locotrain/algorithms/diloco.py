@@ -38,14 +38,20 @@ class DiLoCo(Algorithm):
         total, H = self.job.planned_steps, self.cfg.H
         return [min(H, total - start) for start in range(0, total, H)]
 
-    def speed_scaled_rounds(self) -> tuple[list[int], int]:
-        """With dynamic local updates: (steps of each worker per round, number of rounds)."""
+    def speed_scaled_rounds(self) -> list[list[int]]:
+        """With dynamic local updates: the steps of every worker in every round. The last
+        round is shrunk in proportion so that the rounds spend the token budget."""
         from .async_local_sgd import dylu_steps
 
-        rates = [1.0 / w.step_time if w.step_time > 0 else w.speed for w in self.job.workers]
+        job = self.job
+        rates = [1.0 / w.step_time if w.step_time > 0 else w.speed for w in job.workers]
         steps = [dylu_steps(self.cfg.H, r, max(rates), self.cfg.dylu_rounding) for r in rates]
-        per_round = sum(h * self.job.tokens_per_step(m) for m, h in enumerate(steps))
-        return steps, max(1, -(-self.job.total_tokens // per_round))
+        per_round = sum(h * job.tokens_per_step(m) for m, h in enumerate(steps))
+        full, left = divmod(job.total_tokens, per_round)
+        rounds = [steps] * full
+        if left:
+            rounds.append([max(1, round(h * left / per_round)) for h in steps])
+        return rounds
 
     def worker(self, ctx):
         job, cfg = self.job, self.cfg
@@ -57,14 +63,19 @@ class DiLoCo(Algorithm):
         if ctx.worker == 0:
             ctx.publish(theta, 0, 0)
         if cfg.dylu:
-            steps, n_rounds = self.speed_scaled_rounds()
-            rounds = [steps[ctx.worker]] * n_rounds
-            tokens_per_round = sum(h * job.tokens_per_step(m) for m, h in enumerate(steps))
+            plan = self.speed_scaled_rounds()
+            rounds = [steps[ctx.worker] for steps in plan]
+            round_tokens = [sum(h * job.tokens_per_step(m) for m, h in enumerate(steps))
+                            for steps in plan]
         else:
-            rounds, tokens_per_round = self.rounds(), None
-        done = 0
+            rounds = self.rounds()
+        done = spent = 0
         for r, h in enumerate(rounds):
-            yield ctx.train(h, progress=r / len(rounds) if cfg.dylu else None)
+            if cfg.dylu:  # the LR follows the share of the budget spent, step by step
+                start, spent = spent, spent + round_tokens[r]
+                yield ctx.train(h, start / job.total_tokens, spent / job.total_tokens)
+            else:
+                yield ctx.train(h)
             done += h
             with torch.no_grad():
                 delta = [t - p for t, p in zip(theta, params)]
@@ -76,8 +87,7 @@ class DiLoCo(Algorithm):
             if cfg.reset_inner_state_each_round:
                 ctx.reset_optimizer()
             if ctx.worker == 0:
-                tokens = (r + 1) * tokens_per_round if cfg.dylu else done * tokens_per_step
-                ctx.publish(theta, tokens, r + 1)
+                ctx.publish(theta, spent if cfg.dylu else done * tokens_per_step, r + 1)
 
 
 ALGORITHM = DiLoCo

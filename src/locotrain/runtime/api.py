@@ -38,8 +38,8 @@ Tensors = list[torch.Tensor]
 @dataclass
 class Train:
     steps: int
-    progress: float | None  # LR schedule position for the whole task; None = own step count
-
+    progress: float | None  # LR schedule position at the first step; None = own step count
+    progress_end: float | None = None  # if given, the position moves linearly to it
 
 @dataclass
 class Gradients:
@@ -101,8 +101,9 @@ class Context(ABC):
         """Seconds since the start: virtual in the simulator, wall clock for real."""
 
     # -- worker compute ------------------------------------------------------------
-    def train(self, steps: int, progress: float | None = None) -> Train:
-        return Train(steps, progress)
+    def train(self, steps: int, progress: float | None = None,
+              progress_end: float | None = None) -> Train:
+        return Train(steps, progress, progress_end)
 
     def gradients(self) -> Gradients:
         return Gradients()

@@ -179,7 +179,8 @@ class SimRuntime:
                 proc.done, proc.finished_at = True, self.time
                 return
             if isinstance(op, Train):
-                self._compute(proc, op.steps, lambda: proc.worker.train(op.steps, op.progress))
+                self._compute(proc, op.steps,
+                              lambda: proc.worker.train(op.steps, op.progress, op.progress_end))
                 return
             if isinstance(op, Gradients):
                 self._compute(proc, 1, proc.worker.gradients)

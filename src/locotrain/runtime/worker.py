@@ -60,12 +60,18 @@ class WorkerState:
         self.opt.step()
         self.steps += 1
 
-    def train(self, steps: int, progress: float | None = None) -> torch.Tensor:
-        """`steps` inner steps; returns the summed training loss as a 0-d tensor (no sync)."""
+    def train(self, steps: int, progress: float | None = None,
+              progress_end: float | None = None) -> torch.Tensor:
+        """`steps` inner steps; returns the summed training loss as a 0-d tensor (no sync).
+        The LR position is `progress` (constant), moving linearly to `progress_end` if given,
+        or the worker's own step count if both are None."""
         total = torch.zeros((), device=self.workload.device)
-        for _ in range(steps):
+        for i in range(steps):
             total += self._backward()
-            self._step(progress)
+            p = progress
+            if progress is not None and progress_end is not None:
+                p = progress + (progress_end - progress) * i / steps
+            self._step(p)
         return total
 
     def gradients(self) -> tuple[list[torch.Tensor], torch.Tensor]:
