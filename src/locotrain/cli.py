@@ -115,6 +115,22 @@ def cmd_sample(args) -> None:
           f"{result.steps_per_char:.3f} per character]", file=sys.stderr)
 
 
+def cmd_launch(args) -> None:
+    from .config import load_config
+    from .runtime.launch import launch
+
+    name, cfg = load_config(args.config, args.set)
+    out = Path(args.out) if args.out else _default_out(name, f"{cfg.algorithm.name}-real")
+    code = launch(cfg, out, args.nproc, args.force)
+    if code != 0:
+        raise SystemExit(code)
+    s = json.loads((out / "summary.json").read_text())
+    dead = f"; died: {', '.join(s['dead_processes'])}" if s.get("dead_processes") else ""
+    print(f"{cfg.algorithm.name} on {s['workers']} worker process(es): final val "
+          f"{s['final_val_bpc']:.4f} bpc, {s['tokens']:,} tokens, {s['time_s']:.1f} s wall, "
+          f"{s['bytes_sent']:,} bytes sent{dead} -> {out}")
+
+
 def cmd_list(args) -> None:
     from .algorithms import SUMMARIES
     from .config import all_keys, preset_names, read_source
@@ -156,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--algorithms", help="comma-separated variants, e.g. "
                    "ddp,diloco,diloco+H=100,eager+mode=naive (default: compare.algorithms)")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("launch", help="run on real processes on this machine (torch.distributed)")
+    common(p)
+    p.add_argument("--nproc", type=int, help="number of processes (checked against the config)")
+    p.set_defaults(func=cmd_launch)
     p = sub.add_parser("sample", help="print text from a finished run")
     p.add_argument("dir", help="the run folder")
     p.add_argument("--prompt")

@@ -221,6 +221,14 @@ class ClusterConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """The real runtime (`loco launch`); the simulator ignores it."""
+    timeout_s: float = 120.0  # a collective or handshake that takes longer is an error
+    server_device: str = choice("cpu", "cpu", "auto")  # where parameter servers keep theta
+    host: str = ""  # this process's address for messages; "" = the route to MASTER_ADDR
+
+
+@dataclass
 class Config:
     description: str = ""
     data: DataConfig = field(default_factory=DataConfig)
@@ -232,6 +240,7 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 # --------------------------------------------------------------------------- checks

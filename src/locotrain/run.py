@@ -121,49 +121,50 @@ def simulate(cfg: Config, out: Path | None = None, *, force: bool = False, quiet
     runtime.run()
     final = recorder.finish()
     elapsed = recorder.elapsed()
-    summary = _summary(cfg, setup, recorder, final, runtime, elapsed)
+    summary = summarize(cfg, setup, recorder, final, runtime.stats(), elapsed)
     final_params = dict(zip(job.param_names, recorder.last[0]))
     if out is not None:
-        _write_outputs(out, cfg, setup, final_params, summary, recorder, runtime)
+        write_outputs(out, cfg, setup, final_params, summary, recorder, runtime.timeline())
     return Result(summary, final_params, runtime, recorder.evals)
 
 
-def _summary(cfg, setup, recorder, final, runtime, elapsed) -> dict:
-    evals = recorder.evals
-    best = min(e["val_bpc"] for e in evals)
+def summarize(cfg, setup, recorder, final: dict, stats: dict, elapsed: float) -> dict:
+    """summary.json: what the run did and reached. `stats` come from the runtime."""
+    best = min(e["val_bpc"] for e in recorder.evals)
+    per_step = stats.get("wall_per_step") or [0.0]
     s = {
         "algorithm": cfg.algorithm.name,
         "workload": cfg.workload.name,
         "corpus": setup.corpus.name,
         "params": setup.workload.num_params(),
         "workers": setup.job.M,
-        "tokens": runtime.tokens,
+        "tokens": stats["tokens"],
         "time_s": round(elapsed, 3),
-        "tokens_per_s": runtime.tokens / max(elapsed, 1e-9),
+        "tokens_per_s": stats["tokens"] / max(elapsed, 1e-9),
         "best_val_bpc": best,
         "final_val_bpc": final["val_bpc"],
         "final_val_loss": final["val_loss"],
-        "sim_time_s": max(p.finished_at for p in runtime.procs),
-        "inner_steps": runtime.inner_steps,
+        "inner_steps": stats["inner_steps"],
         "outer_updates": final["outer_updates"],
-        "bytes_sent": runtime.network.bytes_sent,
-        "bytes_inter_region": runtime.network.bytes_inter_region,
-        "peak_payload_bytes": runtime.peak_payload,
-        "utilization": final["utilization"],
+        "bytes_sent": stats["bytes_sent"],
+        "bytes_inter_region": stats["bytes_inter_region"],
+        "peak_payload_bytes": stats["peak_payload_bytes"],
+        "utilization": final.get("utilization", stats.get("utilization")),
         "device": str(setup.workload.device),
         # host seconds per inner step (median over compute spans; on CUDA the host runs
         # ahead of the GPU only as far as its launch queue allows, as in nanoGPT's timing)
-        "step_time_median_s": statistics.median(runtime.wall_per_step) if runtime.wall_per_step else 0.0,
+        "step_time_median_s": statistics.median(per_step),
     }
-    if "val_bpc_stderr" in final:
-        s["final_val_bpc_stderr"] = final["val_bpc_stderr"]
-    for key in ("staleness_mean", "staleness_max"):
+    for key in ("sim_time_s", "runtime", "dead_processes", "step_time_by_worker_s"):
+        if key in stats:
+            s[key] = stats[key]
+    for key in ("val_bpc_stderr", "staleness_mean", "staleness_max"):
         if key in final:
-            s[key] = final[key]
+            s["final_" + key if key == "val_bpc_stderr" else key] = final[key]
     return s
 
 
-def _write_outputs(out, cfg, setup, params, summary, recorder, runtime) -> None:
+def write_outputs(out, cfg, setup, params, summary, recorder, spans: list[dict]) -> None:
     wl = setup.workload
     save_checkpoint(out, params, cfg, setup.corpus.tokenizer.chars,
                     {"workload": cfg.workload.name, "tokens": summary["tokens"],
@@ -177,7 +178,6 @@ def _write_outputs(out, cfg, setup, params, summary, recorder, runtime) -> None:
               f"{'<= ' if 'final_val_bpc_stderr' in summary else ''}{summary['final_val_bpc']:.4f} bpc, "
               f"{result.steps_per_char:.3f} model steps per character\n\n")
     atomic_write(out / "samples.txt", header + result.text + "\n")
-    spans = runtime.timeline()
     atomic_write(out / "timeline.json", json.dumps(spans))
     report.plot_run(out, recorder.evals, spans, cfg.algorithm.name)
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))

@@ -95,6 +95,9 @@ def async_worker(job, cfg, server_of):
         params = list(ctx.params.values())
         while True:
             msg = yield ctx.recv(server)
+            if msg.failed:
+                ctx.log(f"server {server} died; stopping")
+                return
             if msg.meta.get("stop"):
                 return
             with torch.no_grad():
@@ -174,6 +177,10 @@ class AsyncLocalSGD(Algorithm):
                     if msg is None:
                         break
                     arrivals.append(msg)
+            for msg in [m for m in arrivals if m.failed]:
+                ctx.log(f"worker {msg.src} died; carrying on with {active - 1} workers")
+                active -= 1
+            arrivals = [m for m in arrivals if not m.failed]
             for msg in arrivals:
                 w = int(msg.src[1:])
                 staleness = version - msg.meta["version"]
@@ -185,7 +192,8 @@ class AsyncLocalSGD(Algorithm):
                 applied_tokens += msg.meta["tokens"]
                 ctx.record_staleness(staleness)
                 planner.observe(w, msg.meta["steps"], msg.meta["seconds"])
-            ctx.publish(theta, applied_tokens, version)
+            if arrivals:
+                ctx.publish(theta, applied_tokens, version)
             for msg in arrivals:
                 active -= not dispatch(int(msg.src[1:]))
 

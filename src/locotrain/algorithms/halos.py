@@ -132,7 +132,12 @@ class HALoS(Algorithm):
         active = sum(dispatch(w) for w in members)
         while active or in_flight:
             msg = yield ctx.recv()
-            if msg.src == GLOBAL:
+            if msg.failed:
+                if msg.src == GLOBAL:
+                    raise RuntimeError(f"{local_name(region)}: the global server died")
+                ctx.log(f"worker {msg.src} died; carrying on without it")
+                active -= 1
+            elif msg.src == GLOBAL:
                 merge(msg.tensors)
                 in_flight = False
             else:
@@ -166,6 +171,10 @@ class HALoS(Algorithm):
         running = len(self.regions)
         while running:
             msg = yield ctx.recv()
+            if msg.failed:
+                ctx.log(f"local server {msg.src} died; carrying on without its region")
+                running -= 1
+                continue
             if msg.meta.get("done"):
                 running -= 1
                 if msg.meta["tokens"]:

@@ -67,10 +67,16 @@ Op = Train | Gradients | Wait | Recv | ServerStep
 
 @dataclass
 class Message:
+    """A received message. The real runtime also delivers meta {"failed": True} (and no
+    tensors) when process `src` dies; processes that wait on others should handle it."""
     src: str
     tensors: Tensors
     meta: dict
     sent_at: float
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.meta.get("failed"))
 
 
 @dataclass

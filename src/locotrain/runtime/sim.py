@@ -330,6 +330,16 @@ class SimRuntime:
             out["staleness_max"] = max(self.staleness)
         return out
 
+    def stats(self) -> dict:
+        """Totals for the run's summary."""
+        return {
+            "tokens": self.tokens, "inner_steps": self.inner_steps,
+            "sim_time_s": max(p.finished_at for p in self.procs),
+            "bytes_sent": self.network.bytes_sent,
+            "bytes_inter_region": self.network.bytes_inter_region,
+            "peak_payload_bytes": self.peak_payload, "wall_per_step": self.wall_per_step,
+        }
+
     def timeline(self) -> list[dict]:
         return [{"process": p.name, "kind": k, "start": s, "end": e}
                 for p in self.procs for k, s, e in p.spans]

@@ -1,0 +1,427 @@
+"""The real runtime: each process of an algorithm is one OS process (one torch.distributed
+rank), running the same algorithm file as the simulator.
+
+    loco launch quickstart --nproc 2                      # one machine, spawns the ranks
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        -m locotrain.runtime.torchdist two-datacenters --out runs/x   # several machines
+
+Rank r runs process r of `algorithm.processes()` (workers first, then servers), so the world
+size is the number of processes. Primitives map onto real operations:
+
+| primitive | here |
+|---|---|
+| `train`, `gradients`, `apply` | the worker's real steps on its GPU (or CPU) |
+| `start_all_reduce` / `wait` | `dist.all_reduce(async_op=True)` among the workers (gloo on CPU, NCCL on GPUs); with a lossy codec an all-gather of the encoded bytes (fp4 packed two per byte), decoded and averaged in fp32 and encoded once more, the same arithmetic as the simulator |
+| `send` / `recv` | runtime/transport.py: TCP messages with any-source receive, timeouts and dead-peer notices |
+| `server_step` | nothing: the update itself is real |
+| `now` | wall-clock seconds since the common start |
+
+Failures: a collective that does not complete within `runtime.timeout_s` (a peer died) is a
+clear error, so synchronous runs end within a bounded time; a worker that dies shows up at its
+parameter server as a message with meta {"failed": True}, and servers carry on without it.
+
+The process that publishes the global model (worker 0, or the server holding it) writes the
+run folder: the same files as a simulated run, without `sim_time_s`; `time_s` is wall time.
+At the end every rank leaves its counters in torch.distributed's store and that process
+sums them: bytes are what was actually sent (socket bytes for messages; for collectives the
+volume of gloo's and NCCL's ring algorithms: 2(M-1)/M of the payload for an all-reduce,
+(M-1) payloads for an all-gather).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from collections import deque
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..codecs import make_codec
+from ..config import load_config, to_toml
+from ..data import make_shards
+from ..errors import UserError
+from ..metrics import Recorder, atomic_write
+from ..run import build, prepare_out_dir, summarize, write_outputs
+from ..workloads import build_workload
+from .api import Context, Gradients, Handle, Message, Recv, ServerStep, Train, Wait
+from .sim import flatten, unflatten
+from .transport import Transport
+from .worker import WorkerState
+
+
+class PeerFailure(RuntimeError):
+    """A collective could not complete: a peer process died or stalled."""
+
+
+class _Context(Context):
+    def __init__(self, rt: "DistRuntime"):
+        self._rt = rt
+        self.name = rt.spec.name
+        self.worker = rt.spec.worker
+        self.params = rt.state.params if rt.state else {}
+
+    def now(self):
+        return time.perf_counter() - self._rt.t0
+
+    def initial_params(self):
+        return [t.detach().clone() for t in self._rt.initial]
+
+    def apply(self, grads, progress=None):
+        self._rt.state.apply(grads, progress)
+
+    def reset_optimizer(self):
+        self._rt.state.reset_optimizer()
+
+    def start_all_reduce(self, tensors, codec):
+        return self._rt.start_all_reduce(tensors, codec)
+
+    def send(self, dst, tensors, codec, meta=None):
+        return self._rt.send(dst, tensors, codec, meta or {})
+
+    def publish(self, params, tokens, updates):
+        self._rt.publish(params, tokens, updates)
+
+    def record_staleness(self, staleness):
+        self._rt.staleness.append(int(staleness))
+
+    def log(self, text):
+        self._rt.log(f"[t={self.now():.2f}s {self.name}] {text}")
+
+
+class DistRuntime:
+    def __init__(self, cfg, rank: int, world: int, local_rank: int, out: Path | None,
+                 force: bool, prepared: bool):
+        self.cfg, self.rank, self.out, self.force, self.prepared = cfg, rank, out, force, prepared
+        self.setup = build(cfg)
+        self.job = self.setup.job
+        procs = self.setup.algorithm.processes()
+        if world != len(procs):
+            raise UserError(f"this config runs {len(procs)} processes ({self.job.M} workers + "
+                            f"{len(procs) - self.job.M} servers) but the world size is {world}; "
+                            f"launch with --nproc {len(procs)}")
+        self.procs, self.spec = procs, procs[rank]
+        self.rank_of = {p.name: i for i, p in enumerate(procs)}
+        use_cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+        is_server = self.spec.worker is None
+        if use_cuda and not (is_server and cfg.runtime.server_device == "cpu"):
+            self.device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+        timeout = timedelta(seconds=cfg.runtime.timeout_s)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        self.backend = backend
+        workers = list(range(self.job.M))
+        self.workers_group = dist.new_group(workers, timeout=timeout) if world > self.job.M else None
+        self.store = dist.distributed_c10d._get_default_store()
+        self.transport = Transport(rank, self.store, _my_address(cfg.runtime.host),
+                                   cfg.runtime.timeout_s)
+
+        torch.manual_seed(cfg.train.seed)
+        self.workload = build_workload(cfg, self.setup.corpus, self.device)
+        params0 = self.workload.init_params(cfg.train.seed)
+        self.initial = [params0[n] for n in self.job.param_names]
+        self.state = None
+        if self.spec.worker is not None:
+            if cfg.train.compile and self.device.type == "cuda":
+                self.workload.compile()
+            w = self.spec.worker
+            tokens = self.setup.corpus.train.to(self.device)
+            shard = make_shards(tokens, self.job.M, cfg.data.shards, self.workload.window,
+                                cfg.train.seed)[w]
+            self.state = WorkerState(w, self.workload, params0, shard,
+                                     self.job.workers[w].batch_size, cfg.train, self.job.planned_steps)
+        self.recorder: Recorder | None = None
+        self.mailbox: deque[Message] = deque()
+        self.staleness: list[int] = []
+        self.spans: list[tuple[str, float, float]] = []
+        self.wall_per_step: list[float] = []
+        self.collective_bytes = self.collective_inter = self.peak_payload = 0
+        self.tokens = self.inner_steps = 0
+        self.logs: list[str] = []
+        # Tests inject a crash with LOCOTRAIN_DIE="rank:steps": that rank exits abruptly
+        # after that many inner steps, without a goodbye, as a killed process would.
+        die = os.environ.get("LOCOTRAIN_DIE", "")
+        self.die_after = int(die.split(":")[1]) if die and int(die.split(":")[0]) == rank else 1 << 62
+        dist.barrier()
+        self.t0 = time.perf_counter()
+
+    # -- the driver -----------------------------------------------------------------------
+    def run(self) -> None:
+        gen = self.spec.run(_Context(self))
+        value = None
+        while True:
+            try:
+                op = gen.send(value)
+            except StopIteration:
+                break
+            value = self._execute(op)
+        self.finished_at = time.perf_counter() - self.t0
+
+    def _execute(self, op):
+        started = time.perf_counter() - self.t0
+        if isinstance(op, (Train, Gradients)):
+            steps = op.steps if isinstance(op, Train) else 1
+            tick = time.perf_counter()
+            if isinstance(op, Train):
+                result = self.state.train(op.steps, op.progress, op.progress_end)
+            else:
+                result = self.state.gradients()[0]
+            self.wall_per_step.append((time.perf_counter() - tick) / steps)
+            self.inner_steps += steps
+            self.tokens += steps * self.state.tokens_per_step
+            self._span("compute", started)
+            if self.inner_steps >= self.die_after:  # fault injection for tests
+                os._exit(17)
+            return result
+        if isinstance(op, Wait):
+            result = self._wait(op.handle)
+            self._span("blocked", started)
+            return result
+        if isinstance(op, Recv):
+            msg = self._recv(op.src, op.timeout)
+            self._span("blocked", started)
+            return msg
+        if isinstance(op, ServerStep):
+            return None
+        raise TypeError(f"{self.spec.name} yielded {op!r}, which is not a runtime primitive")
+
+    def _span(self, kind: str, started: float) -> None:
+        self.spans.append((kind, started, time.perf_counter() - self.t0))
+
+    # -- collectives ----------------------------------------------------------------------
+    def start_all_reduce(self, tensors, codec) -> Handle:
+        M = self.job.M
+        flat = flatten(tensors).to(self.device)
+        handle = Handle("all_reduce", state={"like": tensors, "codec": codec, "numel": flat.numel()})
+        if M == 1:
+            handle.done = True
+            result = flat.clone() if codec.lossless else codec.roundtrip(codec.roundtrip(flat))
+            handle.result = unflatten(result, tensors)
+            return handle
+        payload_bytes = codec.nbytes(flat.numel())
+        if codec.lossless:
+            handle.state["work"] = dist.all_reduce(flat, group=self.workers_group, async_op=True)
+            handle.state["flat"] = flat
+            sent = 2 * (M - 1) * payload_bytes // M
+        else:
+            payload = codec.encode(flat)
+            gathered = [torch.empty_like(payload) for _ in range(M)]
+            handle.state["work"] = dist.all_gather(gathered, payload, group=self.workers_group,
+                                                   async_op=True)
+            handle.state["gathered"] = gathered
+            sent = (M - 1) * payload_bytes
+        self.collective_bytes += sent
+        ring_next = (self.spec.worker + 1) % M
+        if self.job.workers[ring_next].region != self.job.workers[self.spec.worker].region:
+            self.collective_inter += sent
+        self.peak_payload = max(self.peak_payload, payload_bytes)
+        return handle
+
+    def _wait(self, handle: Handle):
+        if handle.done:
+            return handle.result
+        if handle.kind == "send":
+            handle.state["event"].wait()
+            handle.done = True
+            return None
+        try:
+            handle.state["work"].wait()
+        except RuntimeError as e:
+            raise PeerFailure(f"{self.spec.name}: all-reduce failed or did not complete within "
+                              f"runtime.timeout_s = {self.cfg.runtime.timeout_s} s; a peer process "
+                              f"probably died ({str(e).splitlines()[0][:120]})") from None
+        codec, M = handle.state["codec"], self.job.M
+        if codec.lossless:
+            flat = handle.state["flat"].div_(M)
+        else:  # the simulator's arithmetic: decode, sum in rank order, mean, encode once more
+            parts = [codec.decode(g, handle.state["numel"]) for g in handle.state["gathered"]]
+            total = parts[0].clone()
+            for part in parts[1:]:
+                total += part
+            flat = codec.roundtrip(total / M)
+        handle.done, handle.result = True, unflatten(flat, handle.state["like"])
+        return handle.result
+
+    # -- messages -------------------------------------------------------------------------
+    def send(self, dst: str, tensors, codec, meta: dict) -> Handle:
+        if dst not in self.rank_of:
+            raise RuntimeError(f"{self.spec.name} sent to unknown process '{dst}'")
+        flat = flatten(tensors).cpu() if tensors else torch.zeros(0)
+        payload = codec.encode(flat) if tensors else torch.zeros(0, dtype=torch.uint8)
+        header = {"meta": meta, "codec": codec.name, "block": getattr(codec, "block", 128),
+                  "numel": flat.numel(), "shapes": [list(t.shape) for t in tensors],
+                  "sent_at": time.perf_counter() - self.t0}
+        self.peak_payload = max(self.peak_payload, payload.numel())
+        event = self.transport.send(self.rank_of[dst], header, payload.numpy().tobytes())
+        return Handle("send", state={"event": event})
+
+    def _recv(self, src: str | None, timeout: float | None) -> Message | None:
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while True:
+            for i, msg in enumerate(self.mailbox):
+                if src is None or msg.src == src:
+                    del self.mailbox[i]
+                    return msg
+            left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+            frame = self.transport.recv(left)
+            if frame is None:
+                return None
+            self.mailbox.append(self._message(frame))
+
+    def _message(self, frame) -> Message:
+        name = self.procs[frame.src].name
+        now = time.perf_counter() - self.t0
+        if frame.failed:
+            self.log(f"[t={now:.2f}s {self.spec.name}] process {name} died (its connection "
+                     "closed without a goodbye)")
+            return Message(name, [], {"failed": True}, now)
+        h = frame.header
+        tensors = []
+        if h["shapes"]:
+            codec = make_codec(h["codec"], h["block"])
+            buf = torch.from_numpy(np.frombuffer(frame.payload, dtype=np.uint8).copy())
+            flat = codec.decode(buf, h["numel"]).to(self.device)
+            like = [torch.empty(s) for s in h["shapes"]]
+            tensors = unflatten(flat, like)
+        return Message(name, tensors, h["meta"], h["sent_at"])
+
+    # -- records --------------------------------------------------------------------------
+    def publish(self, params, tokens, updates) -> None:
+        if self.recorder is None:
+            if self.out is not None and not self.prepared:
+                prepare_out_dir(self.out, self.force)
+                atomic_write(self.out / "config.toml", to_toml(self.cfg))
+            self.recorder = Recorder(self.workload, self.job.param_names, self.cfg.train.tokens,
+                                     self.cfg.eval.every, self.cfg.eval.windows,
+                                     self.out / "metrics.jsonl" if self.out else None,
+                                     label=self.cfg.algorithm.name, quiet=True)
+            self.recorder.t0 = self.t0
+            for text in self.logs:
+                self.recorder.log(text)
+        params = [p.to(self.device) for p in params]
+        self.recorder.publish(params, tokens, updates, self._snapshot)
+
+    def _snapshot(self) -> dict:
+        out = {"step": self.inner_steps if self.state else len(self.staleness)}
+        if self.setup.algorithm.synchronous:  # symmetric collectives: every worker alike
+            out |= {"inner_steps": self.inner_steps * self.job.M,
+                    "bytes_sent": (self.collective_bytes + self.transport.bytes_sent) * self.job.M}
+        if self.staleness:
+            out["staleness_mean"] = sum(self.staleness) / len(self.staleness)
+            out["staleness_max"] = max(self.staleness)
+        return out
+
+    def log(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+        if self.recorder is not None:
+            self.recorder.log(text)
+        else:
+            self.logs.append(text)
+
+    def my_stats(self) -> dict:
+        region = self.spec.region
+        inter = sum(n for dst, n in self.transport.bytes_to.items() if self.procs[dst].region != region)
+        return {"tokens": self.tokens, "inner_steps": self.inner_steps,
+                "bytes_sent": self.collective_bytes + self.transport.bytes_sent,
+                "bytes_inter_region": self.collective_inter + inter,
+                "peak_payload_bytes": self.peak_payload, "wall_per_step": self.wall_per_step,
+                "spans": self.spans, "finished_at": self.finished_at, "name": self.spec.name,
+                "worker": self.spec.worker}
+
+    def finish(self) -> None:
+        """Leave counters in the store; the publishing process sums them and writes outputs."""
+        self.store.set(f"locotrain/stats/{self.rank}", json.dumps(self.my_stats()))
+        if self.recorder is None:
+            return
+        dead = {self.procs[r].name for r in self.transport.dead}
+        stats = []
+        for r, proc in enumerate(self.procs):
+            if proc.name in dead:
+                continue
+            try:
+                self.store.wait([f"locotrain/stats/{r}"], timedelta(seconds=self.cfg.runtime.timeout_s))
+                stats.append(json.loads(self.store.get(f"locotrain/stats/{r}")))
+            except RuntimeError:
+                dead.add(proc.name)
+        final = self.recorder.finish()
+        workers = [s for s in stats if s["worker"] is not None]
+        total = {k: sum(s[k] for s in stats) for k in ("tokens", "inner_steps", "bytes_sent",
+                                                       "bytes_inter_region")}
+        elapsed = max(s["finished_at"] for s in stats)
+        compute = [sum(e - b for k, b, e in s["spans"] if k == "compute") for s in workers]
+        total |= {"peak_payload_bytes": max(s["peak_payload_bytes"] for s in stats),
+                  "wall_per_step": [x for s in workers for x in s["wall_per_step"]],
+                  "utilization": sum(c / max(elapsed, 1e-9) for c in compute) / max(1, len(compute)),
+                  "runtime": f"torch.distributed ({self.backend}) + TCP messages",
+                  "step_time_by_worker_s": [float(np.median(s["wall_per_step"] or [0.0])) for s in workers]}
+        if dead:
+            total["dead_processes"] = sorted(dead)
+        summary = summarize(self.cfg, self.setup, self.recorder, final, total, elapsed)
+        if self.out is not None:
+            spans = [{"process": s["name"], "kind": k, "start": b, "end": e}
+                     for s in stats for k, b, e in s["spans"]]
+            params = dict(zip(self.job.param_names, self.recorder.last[0]))
+            write_outputs(self.out, self.cfg, self.setup, params, summary, self.recorder, spans)
+        self.summary = summary
+
+    def close(self) -> None:
+        self.transport.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _my_address(host: str) -> str:
+    """The address other ranks reach this one at: the route toward MASTER_ADDR."""
+    if host:
+        return host
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    if master in ("127.0.0.1", "localhost"):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((master, 9))
+        return s.getsockname()[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m locotrain.runtime.torchdist")
+    ap.add_argument("config", nargs="?", default="quickstart")
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--out")
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--prepared", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if "LOCOTRAIN_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["LOCOTRAIN_THREADS"]))
+    rt = None
+    try:
+        _, cfg = load_config(args.config, args.set)
+        rt = DistRuntime(cfg, rank, world, local_rank, Path(args.out) if args.out else None,
+                         args.force, args.prepared)
+        rt.run()
+        rt.finish()
+    except UserError as e:
+        print(f"loco: error: {e}", file=sys.stderr)
+        return 2
+    except PeerFailure as e:
+        print(f"loco: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if rt is not None:
+            rt.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

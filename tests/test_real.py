@@ -1,0 +1,120 @@
+"""The real runtime: the same algorithm files on real processes over torch.distributed (gloo
+on loopback), against the simulator, with dead workers and clean shutdowns."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from locotrain.checkpoint import load_checkpoint
+from locotrain.config import load_config
+from locotrain.run import simulate
+
+from conftest import TINY
+
+REAL = list(TINY) + ["train.tokens=8192", "eval.every=4096", "cluster.preset=two-datacenters",
+                     "cluster.size=2", "runtime.timeout_s=20"]
+
+
+def launch(tmp_path, *overrides, env=None, name="run"):
+    out = tmp_path / name
+    args = [sys.executable, "-m", "locotrain", "launch", "quickstart", "--quiet", "--out", str(out)]
+    for o in REAL + list(overrides):
+        args += ["--set", o]
+    started = time.monotonic()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, **(env or {})})
+    return proc, out, time.monotonic() - started
+
+
+def no_stray_processes(out):
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return str(out) not in ps
+
+
+@pytest.mark.parametrize("overrides", [
+    ["algorithm.name=ddp"],
+    ["algorithm.name=diloco", "algorithm.H=4"],
+    ["algorithm.name=diloco", "algorithm.H=4", "algorithm.codec=fp4", "cluster.size=4"],
+    ["algorithm.name=streaming", "algorithm.H=4", "algorithm.fragments=1", "algorithm.tau=0",
+     "model.depth=2"],
+    ["algorithm.name=streaming", "algorithm.H=4", "algorithm.fragments=2", "algorithm.tau=1",
+     "algorithm.alpha=0.5", "model.depth=2"],
+    ["algorithm.name=eager", "algorithm.H=4"],
+    ["algorithm.name=overlap_local_sgd", "algorithm.H=4"],
+], ids=["ddp", "diloco", "diloco-fp4-4workers", "streaming-tau0", "streaming-overlapped",
+        "eager", "overlap"])
+def test_deterministic_algorithms_match_the_simulator(tmp_path, overrides):
+    proc, out, _ = launch(tmp_path, *overrides)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    real, cfg, _, _ = load_checkpoint(out)
+    sim = simulate(load_config(str(out / "config.toml"))[1])
+    for k in real:
+        assert torch.allclose(real[k], sim.params[k].cpu(), atol=1e-5, rtol=1e-4), k
+    summary = json.loads((out / "summary.json").read_text())
+    assert "sim_time_s" not in summary
+    assert summary["tokens"] == sim.summary["tokens"]
+    assert summary["bytes_sent"] == sim.summary["bytes_sent"] or "fp4" in str(overrides)
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["event"] == "eval"]
+    assert len(evals) >= 2 and all("sim_time_s" not in e for e in evals)
+    for name in ["config.toml", "summary.json", "model.safetensors", "samples.txt",
+                 "timeline.json", "plots/loss.png", "plots/timeline.png"]:
+        assert (out / name).is_file(), name
+    assert no_stray_processes(out)
+
+
+@pytest.mark.parametrize("algorithm", ["async_local_sgd", "halos"])
+def test_asynchronous_algorithms_account_for_every_update(tmp_path, algorithm):
+    proc, out, _ = launch(tmp_path, f"algorithm.name={algorithm}", "algorithm.H=4",
+                          "algorithm.K=2", "algorithm.dylu=true", "cluster.size=4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [e for e in evals if e.get("final")][0]
+    # the global model has seen every token the workers trained, and nothing more
+    assert final["tokens"] == summary["tokens"] == 8192
+    spans = json.loads((out / "timeline.json").read_text())
+    pushes = sum(1 for s in spans if s["process"].startswith("w") and s["kind"] == "compute")
+    if algorithm == "async_local_sgd":  # the server applied exactly one update per push
+        assert final["outer_updates"] == pushes
+    assert summary["bytes_sent"] > 0 and "dead_processes" not in summary
+    assert no_stray_processes(out)
+
+
+def test_a_dead_worker_fails_a_synchronous_run_within_the_timeout(tmp_path):
+    proc, out, elapsed = launch(tmp_path, "algorithm.name=diloco", "algorithm.H=2",
+                                "runtime.timeout_s=5", env={"LOCOTRAIN_DIE": "1:4"})
+    assert proc.returncode != 0
+    assert "w1 (rank 1) exited with code 17" in proc.stderr
+    assert "all-reduce failed or did not complete" in proc.stderr
+    assert elapsed < 60
+    assert not (out / "summary.json").exists()
+    assert no_stray_processes(out)
+
+
+def test_an_asynchronous_server_carries_on_without_a_dead_worker(tmp_path):
+    proc, out, _ = launch(tmp_path, "algorithm.name=async_local_sgd", "algorithm.H=2",
+                          "cluster.size=4", env={"LOCOTRAIN_DIE": "2:4"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dead_processes"] == ["w2"]
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "log" and "worker w2 died" in e["text"] for e in log)
+    assert summary["tokens"] >= 8192 - 4 * 8 * 16  # at most the dead worker's last task is lost
+    assert no_stray_processes(out)
+
+
+def test_launch_checks_the_process_count(tmp_path, capsys):
+    from locotrain.cli import main
+
+    # async Local-SGD on 2 workers runs 3 processes: the workers and the parameter server
+    code = main(["launch", "quickstart", "--nproc", "2", "--out", str(tmp_path / "x"),
+                 *sum((["--set", o] for o in REAL + ["algorithm.name=async_local_sgd"]), [])])
+    err = capsys.readouterr().err
+    assert code == 2 and "runs 3 processes (2 workers + 1 servers)" in err and "--nproc says 2" in err
+    assert not (tmp_path / "x").exists()
