@@ -116,5 +116,5 @@ def test_launch_checks_the_process_count(tmp_path, capsys):
     code = main(["launch", "quickstart", "--nproc", "2", "--out", str(tmp_path / "x"),
                  *sum((["--set", o] for o in REAL + ["algorithm.name=async_local_sgd"]), [])])
     err = capsys.readouterr().err
-    assert code == 2 and "runs 3 processes (2 workers + 1 servers)" in err and "--nproc says 2" in err
+    assert code == 2 and "runs 3 processes (2 workers + 1 server(s))" in err and "--nproc says 2" in err
     assert not (tmp_path / "x").exists()

@@ -41,7 +41,7 @@ def launch(cfg, out: Path, nproc: int | None, force: bool) -> int:
     n = len(procs)
     if nproc is not None and nproc != n:
         raise UserError(f"{cfg.algorithm.name} on this cluster runs {n} processes ({setup.job.M} "
-                        f"workers + {n - setup.job.M} servers); --nproc says {nproc}")
+                        f"workers + {n - setup.job.M} server(s)); --nproc says {nproc}")
     prepare_out_dir(out, force)
     atomic_write(out / "config.toml", to_toml(cfg))
     port = free_port()

@@ -75,7 +75,14 @@ class _Context(Context):
         return [t.detach().clone() for t in self._rt.initial]
 
     def apply(self, grads, progress=None):
-        self._rt.state.apply(grads, progress)
+        # The optimizer step is part of the step the simulator models: count it as compute.
+        rt = self._rt
+        started = time.perf_counter()
+        rt.state.apply(grads, progress)
+        seconds = time.perf_counter() - started
+        if rt.wall_per_step:
+            rt.wall_per_step[-1] += seconds
+        rt.spans.append(("compute", started - rt.t0, started - rt.t0 + seconds))
 
     def reset_optimizer(self):
         self._rt.state.reset_optimizer()
@@ -105,7 +112,7 @@ class DistRuntime:
         procs = self.setup.algorithm.processes()
         if world != len(procs):
             raise UserError(f"this config runs {len(procs)} processes ({self.job.M} workers + "
-                            f"{len(procs) - self.job.M} servers) but the world size is {world}; "
+                            f"{len(procs) - self.job.M} server(s)) but the world size is {world}; "
                             f"launch with --nproc {len(procs)}")
         self.procs, self.spec = procs, procs[rank]
         self.rank_of = {p.name: i for i, p in enumerate(procs)}
