@@ -468,3 +468,20 @@ def test_halos_accepts_momentum_activation_up_to_its_own_buffers():
     (buffer_size is not used by HALoS)."""
     build(tiny_config("algorithm.name=halos", "cluster.preset=halos-4x4", "algorithm.local_buffer=0",
                       "algorithm.global_buffer=0", "algorithm.momentum_activation=0.25"))
+
+
+def test_dylu_never_compares_modelled_with_measured_rates():
+    """A real run measures seconds that need not be the model's: here every worker is 4x
+    slower than modelled. Relative speeds must stay those of the fleet, and once everyone has
+    reported, the measured ratios rule (worker 1 became twice as slow as worker 0)."""
+    from locotrain.algorithms.async_local_sgd import TaskPlanner
+    from locotrain.config import AlgorithmConfig
+    from locotrain.runtime.api import Job, WorkerInfo
+
+    job = Job([WorkerInfo(0, 0, 1.0, 8, 0.1), WorkerInfo(1, 0, 1.0, 8, 0.1)], ["a"], ["p"],
+              [(1,)], total_tokens=10**6, seq_len=16, depth=1)
+    planner = TaskPlanner(AlgorithmConfig(H=8, dylu=True), job, [0, 1], job.total_tokens)
+    planner.observe(0, 8, 3.2)  # 0.4 s per step instead of the modelled 0.1
+    assert planner.next_task(0)["steps"] == 8 and planner.next_task(1)["steps"] == 8
+    planner.observe(1, 8, 6.4)
+    assert planner.next_task(0)["steps"] == 8 and planner.next_task(1)["steps"] == 4

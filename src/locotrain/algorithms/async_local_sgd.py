@@ -55,21 +55,39 @@ def staleness_weight(mode: str, staleness: int, M: int) -> float:
     return 1.0
 
 
+def modelled_rate(worker) -> float:
+    """Inner steps per second from the job: modelled in the simulator, calibrated for real."""
+    return 1.0 / worker.step_time if worker.step_time > 0 else worker.speed
+
+
 class TaskPlanner:
-    """Hands out tasks until a token budget is spent; shared by the servers of this family."""
+    """Hands out tasks until a token budget is spent; shared by the servers of this family.
+
+    Dynamic local updates need each worker's speed relative to the fleet's fastest. The job's
+    rates (modelled or calibrated) give that from the start; once every worker this server
+    plans for has reported a measured rate, relative speeds come from the measurements (so a
+    straggler's tasks shrink while it is slow), scaled by the modelled share of this server's
+    fastest worker in the fleet (a HALoS local server never sees other regions' workers).
+    Measured and modelled rates are never compared with each other: in a real run the
+    model's seconds need not be the machine's."""
 
     def __init__(self, cfg, job, workers: list[int], budget: int):
         self.cfg, self.job, self.budget = cfg, job, budget
         self.assigned = 0
-        # step rates: modelled or calibrated at first, measured once a worker reports
-        self.rate = {w: 1.0 / job.workers[w].step_time if job.workers[w].step_time > 0 else
-                     job.workers[w].speed for w in workers}
-        self.fastest = max(1.0 / w.step_time if w.step_time > 0 else w.speed for w in job.workers)
+        self.workers = workers
+        self.modelled = {w: modelled_rate(job.workers[w]) for w in workers}
+        self.fleet_fastest = max(modelled_rate(w) for w in job.workers)
+        self.measured: dict[int, float] = {}
 
     def observe(self, worker: int, steps: int, seconds: float) -> None:
         if seconds > 0:
-            self.rate[worker] = steps / seconds
-            self.fastest = max(self.fastest, self.rate[worker])
+            self.measured[worker] = steps / seconds
+
+    def relative_speed(self, worker: int) -> float:
+        local_share = max(self.modelled.values()) / self.fleet_fastest
+        if len(self.measured) == len(self.workers):
+            return self.measured[worker] / max(self.measured.values()) * local_share
+        return self.modelled[worker] / self.fleet_fastest
 
     def next_task(self, worker: int) -> dict | None:
         """{steps, progress} for the worker's next task, or None when the budget is spent."""
@@ -78,7 +96,7 @@ class TaskPlanner:
             return None
         H = self.cfg.H
         if self.cfg.dylu:
-            H = dylu_steps(H, self.rate[worker], self.fastest, self.cfg.dylu_rounding)
+            H = dylu_steps(H, self.relative_speed(worker), 1.0, self.cfg.dylu_rounding)
         per_step = self.job.tokens_per_step(worker)
         steps = min(H, -(-left // per_step))
         progress = self.assigned / self.budget

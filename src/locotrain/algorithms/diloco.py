@@ -41,10 +41,10 @@ class DiLoCo(Algorithm):
     def speed_scaled_rounds(self) -> list[list[int]]:
         """With dynamic local updates: the steps of every worker in every round. The last
         round is shrunk in proportion so that the rounds spend the token budget."""
-        from .async_local_sgd import dylu_steps
+        from .async_local_sgd import dylu_steps, modelled_rate
 
         job = self.job
-        rates = [1.0 / w.step_time if w.step_time > 0 else w.speed for w in job.workers]
+        rates = [modelled_rate(w) for w in job.workers]
         steps = [dylu_steps(self.cfg.H, r, max(rates), self.cfg.dylu_rounding) for r in rates]
         per_round = sum(h * job.tokens_per_step(m) for m, h in enumerate(steps))
         full, left = divmod(job.total_tokens, per_round)

@@ -95,9 +95,7 @@ class HALoS(Algorithm):
         job, cfg = self.job, self.cfg
         codec = make_codec(cfg.codec, cfg.codec_block)
         members = self.members[region]
-        planner = TaskPlanner(cfg, job, members, self.shares[region])
-        if cfg.dylu:  # HALoS normalises by the fastest worker of the whole fleet
-            planner.fastest = max(planner.fastest, *planner.rate.values())
+        planner = TaskPlanner(cfg, job, members, self.shares[region])  # relative to the fleet
         opt = server_optimizer(cfg, cfg.local_lr, cfg.local_momentum, cfg.local_buffer or len(members))
         theta = ctx.initial_params()
         theta_merge = [t.clone() for t in theta]

@@ -48,7 +48,7 @@ def launch(cfg, out: Path, nproc: int | None, force: bool) -> int:
     store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     threads = max(1, (os.cpu_count() or 1) // n)
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "WORLD_SIZE": str(n), "TORCHELASTIC_USE_AGENT_STORE": "True",
+            "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "TORCHELASTIC_USE_AGENT_STORE": "True",
             "OMP_NUM_THREADS": str(threads), "LOCOTRAIN_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "locotrain.runtime.torchdist", str(out / "config.toml"),
            "--out", str(out), "--prepared"]

@@ -124,6 +124,13 @@ class DistRuntime:
         else:
             self.device = torch.device("cpu")
         backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+        note = ""
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if use_cuda and local > torch.cuda.device_count():
+            # NCCL refuses two ranks on one GPU; gloo moves CUDA tensors through the host.
+            backend = "cpu:gloo,cuda:gloo"
+            note = (f"{local} processes share {torch.cuda.device_count()} GPU(s): NCCL needs one GPU "
+                    "per rank, so collectives use gloo")
         timeout = timedelta(seconds=cfg.runtime.timeout_s)
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
         self.backend = backend
@@ -135,6 +142,7 @@ class DistRuntime:
 
         torch.manual_seed(cfg.train.seed)
         self.workload = build_workload(cfg, self.setup.corpus, self.device)
+        self.setup.workload = self.workload  # evaluation and sampling on this process's device
         params0 = self.workload.init_params(cfg.train.seed)
         self.initial = [params0[n] for n in self.job.param_names]
         self.state = None
@@ -154,7 +162,7 @@ class DistRuntime:
         self.wall_per_step: list[float] = []
         self.collective_bytes = self.collective_inter = self.peak_payload = 0
         self.tokens = self.inner_steps = 0
-        self.logs: list[str] = []
+        self.logs: list[str] = [note] if note and rank == 0 else []
         # Tests inject a crash with LOCOTRAIN_DIE="rank:steps": that rank exits abruptly
         # after that many inner steps, without a goodbye, as a killed process would.
         die = os.environ.get("LOCOTRAIN_DIE", "")
