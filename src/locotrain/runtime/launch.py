@@ -47,9 +47,11 @@ def launch(cfg, out: Path, nproc: int | None, force: bool) -> int:
     port = free_port()
     store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     threads = max(1, (os.cpu_count() or 1) // n)
+    gpu_ranks = setup.job.M if cfg.runtime.server_device == "cpu" else n
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
             "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "TORCHELASTIC_USE_AGENT_STORE": "True",
-            "OMP_NUM_THREADS": str(threads), "LOCOTRAIN_THREADS": str(threads)}
+            "OMP_NUM_THREADS": str(threads), "LOCOTRAIN_THREADS": str(threads),
+            "LOCOTRAIN_GPU_RANKS": str(gpu_ranks)}
     cmd = [sys.executable, "-m", "locotrain.runtime.torchdist", str(out / "config.toml"),
            "--out", str(out), "--prepared"]
     children = [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},

@@ -125,7 +125,8 @@ class DistRuntime:
             self.device = torch.device("cpu")
         backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
         note = ""
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        # GPU ranks on this machine: the workers, plus servers if they use the GPU too
+        local = int(os.environ.get("LOCOTRAIN_GPU_RANKS", os.environ.get("LOCAL_WORLD_SIZE", world)))
         if use_cuda and local > torch.cuda.device_count():
             # NCCL refuses two ranks on one GPU; gloo moves CUDA tensors through the host.
             backend = "cpu:gloo,cuda:gloo"
@@ -167,7 +168,10 @@ class DistRuntime:
         # after that many inner steps, without a goodbye, as a killed process would.
         die = os.environ.get("LOCOTRAIN_DIE", "")
         self.die_after = int(die.split(":")[1]) if die and int(die.split(":")[0]) == rank else 1 << 62
-        dist.barrier()
+        # A common start through the store: a collective barrier would need every rank,
+        # CPU-only servers included, to agree on a backend device.
+        self.store.set(f"locotrain/ready/{rank}", "1")
+        self.store.wait([f"locotrain/ready/{r}" for r in range(world)], timeout)
         self.t0 = time.perf_counter()
 
     # -- the driver -----------------------------------------------------------------------
