@@ -130,7 +130,9 @@ def simulate(cfg: Config, out: Path | None = None, *, force: bool = False, quiet
 
 def summarize(cfg, setup, recorder, final: dict, stats: dict, elapsed: float) -> dict:
     """summary.json: what the run did and reached. `stats` come from the runtime."""
-    best = min(e["val_bpc"] for e in recorder.evals)
+    # best over evaluations on the same windows as the final one (eval.windows may make
+    # the ones during training use a subset)
+    best = min(e["val_bpc"] for e in recorder.evals if e["windows"] == final["windows"])
     per_step = stats.get("wall_per_step") or [0.0]
     s = {
         "algorithm": cfg.algorithm.name,
