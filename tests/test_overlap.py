@@ -29,9 +29,9 @@ def spies(monkeypatch):
     original_train = WorkerState.train
     original_start = _SimContext.start_all_reduce
 
-    def train(self, steps, progress=None):
+    def train(self, steps, *schedule):
         before = clone(self.tensors)
-        loss = original_train(self, steps, progress)
+        loss = original_train(self, steps, *schedule)
         trains.setdefault(self.index, []).append((before, clone(self.tensors)))
         return loss
 
