@@ -103,6 +103,16 @@ class TaskPlanner:
         self.assigned += steps * per_step
         return {"steps": steps, "progress": progress}
 
+    def dispatch(self, ctx, worker: int, theta, version: int, codec) -> bool:
+        """Send the worker its next task with the current model, or tell it to stop.
+        Returns whether the worker is still active."""
+        task = self.next_task(worker)
+        if task is None:
+            ctx.send(self.job.worker_name(worker), [], codec, {"stop": True})
+            return False
+        ctx.send(self.job.worker_name(worker), theta, codec, {"version": version, **task})
+        return True
+
 
 def async_worker(job, cfg, server_of):
     """The worker of Async Local-SGD and HALoS: pull, train, push, repeat until told to stop."""
@@ -165,9 +175,7 @@ class AsyncLocalSGD(Algorithm):
 
     def processes(self):
         worker = async_worker(self.job, self.cfg, lambda w: SERVER)
-        procs = [Process(self.job.worker_name(w.index), w.region, worker, worker=w.index)
-                 for w in self.job.workers]
-        return procs + [Process(SERVER, self.server_region, self.server)]
+        return self.worker_processes(worker) + [Process(SERVER, self.server_region, self.server)]
 
     def server(self, ctx):
         job, cfg = self.job, self.cfg
@@ -179,12 +187,7 @@ class AsyncLocalSGD(Algorithm):
         ctx.publish(theta, 0, 0)
 
         def dispatch(w: int) -> bool:
-            task = planner.next_task(w)
-            if task is None:
-                ctx.send(job.worker_name(w), [], codec, {"stop": True})
-                return False
-            ctx.send(job.worker_name(w), theta, codec, {"version": version, **task})
-            return True
+            return planner.dispatch(ctx, w, theta, version, codec)
 
         active = sum(dispatch(w.index) for w in job.workers)
         while active:

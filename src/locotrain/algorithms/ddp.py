@@ -7,15 +7,14 @@ overlap it), matching the analytic model of docs/algorithms.md section 12.
 from __future__ import annotations
 
 from ..codecs import make_codec
-from ..runtime.api import Algorithm, Process
+from ..runtime.api import Algorithm
 
 
 class DDP(Algorithm):
     name = "ddp"
 
     def processes(self):
-        return [Process(self.job.worker_name(w.index), w.region, self.worker, worker=w.index)
-                for w in self.job.workers]
+        return self.worker_processes(self.worker)
 
     def worker(self, ctx):
         job = self.job

@@ -17,7 +17,7 @@ import torch
 
 from ..codecs import make_codec
 from ..optim import Nesterov
-from ..runtime.api import Algorithm, Process
+from ..runtime.api import Algorithm
 from ..errors import UserError
 
 
@@ -30,13 +30,10 @@ class DiLoCo(Algorithm):
             raise UserError(f"algorithm.H must be >= 1, got {cfg.H}")
 
     def processes(self):
-        return [Process(self.job.worker_name(w.index), w.region, self.worker, worker=w.index)
-                for w in self.job.workers]
+        return self.worker_processes(self.worker)
 
     def rounds(self) -> list[int]:
-        """Inner steps of each round: H, H, ..., and a shorter last round if needed."""
-        total, H = self.job.planned_steps, self.cfg.H
-        return [min(H, total - start) for start in range(0, total, H)]
+        return self.job.rounds(self.cfg.H)
 
     def speed_scaled_rounds(self) -> list[list[int]]:
         """With dynamic local updates: the steps of every worker in every round. The last

@@ -81,8 +81,7 @@ class HALoS(Algorithm):
     def processes(self):
         job = self.job
         worker = async_worker(job, self.cfg, lambda w: local_name(job.workers[w].region))
-        procs = [Process(job.worker_name(w.index), w.region, worker, worker=w.index)
-                 for w in job.workers]
+        procs = self.worker_processes(worker)
         procs += [Process(local_name(r), r, self._local(r)) for r in self.regions]
         return procs + [Process(GLOBAL, self.global_region, self.global_server)]
 
@@ -103,14 +102,6 @@ class HALoS(Algorithm):
         tokens_since_push = 0
         in_flight = False
 
-        def dispatch(w: int) -> bool:
-            task = planner.next_task(w)
-            if task is None:
-                ctx.send(job.worker_name(w), [], codec, {"stop": True})
-                return False
-            ctx.send(job.worker_name(w), theta, codec, {"version": version, **task})
-            return True
-
         def push():
             nonlocal tokens_since_push
             with torch.no_grad():
@@ -126,6 +117,9 @@ class HALoS(Algorithm):
                     t.mul_(1 - w).add_(g, alpha=w)
             theta_merge = [t.clone() for t in theta]
             merged_at = updates
+
+        def dispatch(w: int) -> bool:
+            return planner.dispatch(ctx, w, theta, version, codec)
 
         active = sum(dispatch(w) for w in members)
         while active or in_flight:
@@ -159,7 +153,7 @@ class HALoS(Algorithm):
         ctx.send(GLOBAL, [], codec, {"done": True, "tokens": tokens_since_push})
 
     def global_server(self, ctx):
-        job, cfg = self.job, self.cfg
+        cfg = self.cfg
         codec = make_codec(cfg.codec, cfg.codec_block)
         opt = server_optimizer(cfg, cfg.global_lr, cfg.global_momentum,
                                cfg.global_buffer or len(self.regions))

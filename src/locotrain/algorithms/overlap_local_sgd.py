@@ -31,7 +31,7 @@ import torch
 
 from ..codecs import make_codec
 from ..errors import UserError
-from ..runtime.api import Algorithm, Process
+from ..runtime.api import Algorithm
 
 
 class OverlapLocalSGD(Algorithm):
@@ -48,13 +48,7 @@ class OverlapLocalSGD(Algorithm):
                             f"got {cfg.anchor_momentum}")
 
     def processes(self):
-        return [Process(self.job.worker_name(w.index), w.region, self.worker, worker=w.index)
-                for w in self.job.workers]
-
-    def rounds(self) -> list[int]:
-        """Local steps between sync points: H, H, ..., and a shorter last round if needed."""
-        total, H = self.job.planned_steps, self.cfg.H
-        return [min(H, total - start) for start in range(0, total, H)]
+        return self.worker_processes(self.worker)
 
     def worker(self, ctx):
         job, cfg = self.job, self.cfg
@@ -64,10 +58,11 @@ class OverlapLocalSGD(Algorithm):
         z = [p.detach().clone() for p in params]  # anchor z_1: the initial parameters
         u = [torch.zeros_like(t) for t in z] if beta > 0 else None
         tokens_per_step = sum(job.tokens_per_step(m) for m in range(job.M))
+        rounds = job.rounds(cfg.H)
         if ctx.worker == 0:
             ctx.publish(z, 0, 0)
         pending, done = None, 0  # done: local steps so far
-        for k, h in enumerate(self.rounds()):
+        for k, h in enumerate(rounds):
             yield ctx.train(h)
             if pending is not None:
                 # The anchor z_k averages the y's of sync point k-1, i.e. rounds 1..k-1.
@@ -90,7 +85,7 @@ class OverlapLocalSGD(Algorithm):
         # End of run: the last sync point's mean is the final global model.
         z = yield ctx.wait(pending)
         if ctx.worker == 0:
-            ctx.publish(z, done * tokens_per_step, len(self.rounds()))
+            ctx.publish(z, done * tokens_per_step, len(rounds))
 
 
 ALGORITHM = OverlapLocalSGD

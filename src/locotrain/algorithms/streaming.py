@@ -36,7 +36,7 @@ import torch
 from ..codecs import make_codec
 from ..errors import UserError
 from ..optim import Nesterov
-from ..runtime.api import Algorithm, Process
+from ..runtime.api import Algorithm
 
 _BLOCK = re.compile(r"^h(\d+)\.")
 
@@ -64,8 +64,7 @@ class StreamingDiLoCo(Algorithm):
             raise UserError(f"algorithm.alpha must be in [0, 1], got {cfg.alpha}")
 
     def processes(self):
-        return [Process(self.job.worker_name(w.index), w.region, self.worker, worker=w.index)
-                for w in self.job.workers]
+        return self.worker_processes(self.worker)
 
     def fragments(self) -> list[list[str]]:
         """Parameter names of each fragment, each in job.param_names order."""

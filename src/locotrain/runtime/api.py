@@ -182,6 +182,11 @@ class Algorithm(ABC):
     def processes(self) -> list[Process]:
         ...
 
+    def worker_processes(self, run) -> list[Process]:
+        """One process per worker, in its region, all running `run`."""
+        return [Process(self.job.worker_name(w.index), w.region, run, worker=w.index)
+                for w in self.job.workers]
+
 
 @dataclass
 class WorkerInfo:
@@ -215,6 +220,12 @@ class Job:
         """Inner steps per worker when all workers step together until the budget is spent."""
         per_step = sum(self.tokens_per_step(w.index) for w in self.workers)
         return max(1, -(-self.total_tokens // per_step))
+
+    def rounds(self, H: int) -> list[int]:
+        """Inner steps of each round of a synchronous method: H, H, ..., and a shorter last
+        round if the budget needs it."""
+        total = self.planned_steps
+        return [min(H, total - start) for start in range(0, total, H)]
 
     def worker_name(self, index: int) -> str:
         return f"w{index}"
