@@ -466,8 +466,11 @@ def test_halos_accepts_momentum_activation_up_to_its_own_buffers():
     """halos-4x4 with the buffers at their 0 = default settings: 4 workers per region and 4
     regions, so both DNs have N = 4 and c = 1/4 is valid for both, although 1/4 > 1/M = 1/16
     (buffer_size is not used by HALoS)."""
-    build(tiny_config("algorithm.name=halos", "cluster.preset=halos-4x4", "algorithm.local_buffer=0",
-                      "algorithm.global_buffer=0", "algorithm.momentum_activation=0.25"))
+    setup = build(tiny_config("algorithm.name=halos", "cluster.preset=halos-4x4",
+                              "algorithm.local_buffer=0", "algorithm.global_buffer=0",
+                              "algorithm.momentum_activation=0.25"))
+    assert [len(m) for m in setup.algorithm.members.values()] == [4, 4, 4, 4]
+    assert len(setup.algorithm.regions) == 4
 
 
 def test_dylu_never_compares_modelled_with_measured_rates():

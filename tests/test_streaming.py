@@ -177,7 +177,9 @@ def test_bad_configs(overrides, keys):
 
 
 def test_tau_just_below_limit_is_fine():
-    build(streaming("model.depth=2", "algorithm.fragments=2", "algorithm.H=8", "algorithm.tau=3"))
+    setup = build(streaming("model.depth=2", "algorithm.fragments=2", "algorithm.H=8",
+                            "algorithm.tau=3"))
+    assert len(setup.algorithm.fragments()) == 2  # H / fragments = 4 > tau = 3
 
 
 # -- 7. the merge phi <- alpha phi + (1 - alpha) theta, by hand on one worker -------------

@@ -112,11 +112,10 @@ def simulate(cfg: Config, out: Path | None = None, *, force: bool = False, quiet
         wl.compile()
     workers = [WorkerState(w.index, wl, params0, shards[w.index], w.batch_size, cfg.train,
                            job.planned_steps) for w in job.workers]
-    step_times = [w.step_time for w in job.workers]
     recorder = Recorder(wl, job.param_names, cfg.train.tokens, cfg.eval.every, cfg.eval.windows,
                         out / "metrics.jsonl" if out else None,
                         label=label or cfg.algorithm.name, quiet=quiet)
-    runtime = SimRuntime(cluster, job, setup.algorithm, workers, step_times, recorder,
+    runtime = SimRuntime(cluster, job, setup.algorithm, workers, recorder,
                          [params0[n] for n in job.param_names], seed=cfg.train.seed)
     runtime.run()
     final = recorder.finish()
@@ -160,9 +159,11 @@ def summarize(cfg, setup, recorder, final: dict, stats: dict, elapsed: float) ->
     for key in ("sim_time_s", "runtime", "dead_processes", "step_time_by_worker_s"):
         if key in stats:
             s[key] = stats[key]
-    for key in ("val_bpc_stderr", "staleness_mean", "staleness_max"):
+    if "val_bpc_stderr" in final:
+        s["final_val_bpc_stderr"] = final["val_bpc_stderr"]
+    for key in ("staleness_mean", "staleness_max"):
         if key in final:
-            s["final_" + key if key == "val_bpc_stderr" else key] = final[key]
+            s[key] = final[key]
     return s
 
 

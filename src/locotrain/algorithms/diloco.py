@@ -19,6 +19,7 @@ from ..codecs import make_codec
 from ..optim import Nesterov
 from ..runtime.api import Algorithm
 from ..errors import UserError
+from .async_local_sgd import dylu_steps, modelled_rate
 
 
 class DiLoCo(Algorithm):
@@ -38,8 +39,6 @@ class DiLoCo(Algorithm):
     def speed_scaled_rounds(self) -> list[list[int]]:
         """With dynamic local updates: the steps of every worker in every round. The last
         round is shrunk in proportion so that the rounds spend the token budget."""
-        from .async_local_sgd import dylu_steps, modelled_rate
-
         job = self.job
         rates = [modelled_rate(w) for w in job.workers]
         steps = [dylu_steps(self.cfg.H, r, max(rates), self.cfg.dylu_rounding) for r in rates]

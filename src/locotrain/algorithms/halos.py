@@ -6,7 +6,7 @@ Every region r has a local parameter server lps{r}; one global server gps sits i
 in HALoS) talking to their region's local server over fast links.
 
 Local server: applies each worker delta with delayed Nesterov (`local_lr`, `local_momentum`,
-`local_buffer`, default the region's worker count) and gives the worker a new task at once.
+`local_buffer`; 0 = the region's worker count) and gives the worker a new task at once.
 After K updates since its last merge it sends its accumulated change u = theta_merge -
 theta_l to the global server and keeps serving workers meanwhile (at most one exchange in
 flight). When the global model theta_g comes back it merges
@@ -15,7 +15,7 @@ which is what HALoS's code executes (its help text describes the opposite weight
 follow the code and name the weight unambiguously), then snapshots theta_merge <- theta_l.
 
 Global server: applies each u with delayed Nesterov (`global_lr`, `global_momentum`,
-`global_buffer`, default the number of regions) and sends theta_g back to that local server
+`global_buffer`; 0 = the number of regions) and sends theta_g back to that local server
 only. theta_g is the model we evaluate.
 
 Budget (our choice; the paper's code runs a fixed number of iterations): no server sees the
@@ -28,6 +28,7 @@ and tells the global server it is finished. Learning-rate progress is the share 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
@@ -82,13 +83,9 @@ class HALoS(Algorithm):
         job = self.job
         worker = async_worker(job, self.cfg, lambda w: local_name(job.workers[w].region))
         procs = self.worker_processes(worker)
-        procs += [Process(local_name(r), r, self._local(r)) for r in self.regions]
+        procs += [Process(local_name(r), r, partial(self.local_server, region=r))
+                  for r in self.regions]
         return procs + [Process(GLOBAL, self.global_region, self.global_server)]
-
-    def _local(self, region: int):
-        def run(ctx):
-            yield from self.local_server(ctx, region)
-        return run
 
     def local_server(self, ctx, region: int):
         job, cfg = self.job, self.cfg

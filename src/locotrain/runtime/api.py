@@ -41,6 +41,7 @@ class Train:
     progress: float | None  # LR schedule position at the first step; None = own step count
     progress_end: float | None = None  # if given, the position moves linearly to it
 
+
 @dataclass
 class Gradients:
     pass

@@ -108,12 +108,12 @@ class _SimContext(Context):
 
 class SimRuntime:
     def __init__(self, cluster: Cluster, job: Job, algorithm: Algorithm,
-                 workers: list[WorkerState], step_times: list[float], recorder,
+                 workers: list[WorkerState], recorder,
                  initial: list[torch.Tensor], seed: int = 0):
         self.cluster, self.job, self.algorithm = cluster, job, algorithm
         self.initial = initial
         self.recorder = recorder
-        self.step_times = step_times
+        self.step_times = [w.step_time for w in job.workers]  # modelled seconds per step
         self.time = 0.0
         self._heap: list = []
         self._seq = 0
