@@ -13,8 +13,9 @@ TINY = [
     "train.tokens=8192", "train.batch_size=8", "eval.windows=16", "eval.samples=4",
     "sample.chars=40",
     # one worker on an unmodelled device, whatever the quickstart's cluster is
-    "algorithm.name=ddp", "algorithm.H=50", "algorithm.fragments=1", "algorithm.tau=0",
-    "algorithm.alpha=0", "cluster.preset=single", "cluster.size=0", "cluster.step_time_s=0",
+    "algorithm.name=ddp", "cluster.preset=single", "cluster.size=0", "cluster.step_time_s=0",
+    # the quickstart's streaming table syncs 2 fragments; the tiny model has 1 block
+    "algorithm.streaming.fragments=1", "algorithm.streaming.tau=0", "algorithm.streaming.alpha=0",
 ]
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from locotrain.algorithms.async_local_sgd import dylu_steps
+from locotrain.algorithms.parameter_server import dylu_steps
 from locotrain.codecs import make_codec
 from locotrain.data import make_shards
 from locotrain.errors import UserError
@@ -289,13 +289,13 @@ def replay_one_worker(cfg, lr, momentum, N, merge=None):
     start = [t.clone() for t in theta]
     budget, assigned = cfg.train.tokens, 0
     while assigned < budget:
-        steps = min(cfg.algorithm.H, math.ceil((budget - assigned) / TOK))
+        steps = min(cfg.algorithm.settings.H, math.ceil((budget - assigned) / TOK))
         progress = assigned / budget
         assigned += steps * TOK
         with torch.no_grad():
             for p, t in zip(worker.tensors, start):
                 p.copy_(t)
-        worker.train(steps, progress)
+        worker.train(steps, progress, assigned / budget)  # each step at its own place
         with torch.no_grad():
             delta = [t - p for t, p in zip(start, worker.tensors)]
         opt.step(theta, delta)
@@ -329,9 +329,9 @@ def test_halos_with_one_worker_is_a_delayed_nesterov_server(lr, momentum, N):
     The budget (8.5 tasks) also pins the cut last task (2 steps).
     """
     base = ["algorithm.H=4", f"train.tokens={34 * TOK}", f"eval.every={8 * TOK}",
-            "algorithm.server_optimizer=delayed_nesterov", "algorithm.momentum_activation=0",
-            *custom([1.0])]
+            "algorithm.momentum_activation=0", *custom([1.0])]
     async_cfg = tiny_config("algorithm.name=async_local_sgd", f"algorithm.outer_lr={lr}",
+                            "algorithm.server_optimizer=delayed_nesterov",
                             f"algorithm.outer_momentum={momentum}", f"algorithm.buffer_size={N}", *base)
     one = simulate(async_cfg)
     halos = simulate(tiny_config("algorithm.name=halos", f"algorithm.local_lr={lr}",
@@ -354,7 +354,7 @@ def test_halos_one_worker_merge_and_global_step_by_hand():
     (global_weight 0.25): the published theta_g equals the hand replay, which applies the code's
     merge theta_l <- (1 - w) theta_l + w theta_g (not the help text's opposite weighting)."""
     cfg = tiny_config("algorithm.name=halos", "algorithm.H=4", f"train.tokens={24 * TOK}", NO_EVALS,
-                      "algorithm.server_optimizer=delayed_nesterov", "algorithm.momentum_activation=0",
+                      "algorithm.momentum_activation=0",
                       "algorithm.local_lr=0.7", "algorithm.local_momentum=0.9", "algorithm.local_buffer=2",
                       "algorithm.K=1", "algorithm.global_lr=0.5", "algorithm.global_momentum=0.5",
                       "algorithm.global_buffer=1", "algorithm.global_weight=0.25", *custom([1.0]))
@@ -477,13 +477,12 @@ def test_dylu_never_compares_modelled_with_measured_rates():
     """A real run measures seconds that need not be the model's: here every worker is 4x
     slower than modelled. Relative speeds must stay those of the fleet, and once everyone has
     reported, the measured ratios rule (worker 1 became twice as slow as worker 0)."""
-    from locotrain.algorithms.async_local_sgd import TaskPlanner
-    from locotrain.config import AlgorithmConfig
+    from locotrain.algorithms.parameter_server import AsyncWorkerSettings, TaskPlanner
     from locotrain.runtime.api import Job, WorkerInfo
 
     job = Job([WorkerInfo(0, 0, 1.0, 8, 0.1), WorkerInfo(1, 0, 1.0, 8, 0.1)], ["a"], ["p"],
               [(1,)], total_tokens=10**6, seq_len=16, depth=1)
-    planner = TaskPlanner(AlgorithmConfig(H=8, dylu=True), job, [0, 1], job.total_tokens)
+    planner = TaskPlanner(AsyncWorkerSettings(H=8, dylu=True), job, [0, 1], job.total_tokens)
     planner.observe(0, 8, 3.2)  # 0.4 s per step instead of the modelled 0.1
     assert planner.next_task(0)["steps"] == 8 and planner.next_task(1)["steps"] == 8
     planner.observe(1, 8, 6.4)

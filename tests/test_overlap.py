@@ -46,8 +46,8 @@ def spies(monkeypatch):
 
 
 def test_single_worker_without_pull_is_plain_training():
-    common = ["cluster.preset=single", "algorithm.H=5"]
-    overlap = simulate(tiny_config("algorithm.name=overlap_local_sgd", "algorithm.pull=0",
+    common = ["cluster.preset=single"]
+    overlap = simulate(tiny_config("algorithm.name=overlap_local_sgd", "algorithm.pull=0", "algorithm.H=5",
                                    "algorithm.anchor_momentum=0", *common)).params
     ddp = simulate(tiny_config("algorithm.name=ddp", *common)).params
     close(list(overlap.values()), list(ddp.values()))

@@ -71,7 +71,7 @@ def test_deterministic_algorithms_match_the_simulator(tmp_path, overrides):
 @pytest.mark.parametrize("algorithm", ["async_local_sgd", "halos"])
 def test_asynchronous_algorithms_account_for_every_update(tmp_path, algorithm):
     proc, out, _ = launch(tmp_path, f"algorithm.name={algorithm}", "algorithm.H=4",
-                          "algorithm.K=2", "algorithm.dylu=true", "cluster.size=4")
+                          "algorithm.halos.K=2", "algorithm.dylu=true", "cluster.size=4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -121,8 +121,14 @@ def test_diloco_bytes_are_ddp_bytes_divided_by_H(H):
 def test_codec_bytes_are_the_encoded_size(codec):
     fp32 = simulate(_sync_cfg("algorithm.name=diloco", "algorithm.H=4"))
     coded = simulate(_sync_cfg("algorithm.name=diloco", "algorithm.H=4", f"algorithm.codec={codec}"))
-    n, rounds = numel(fp32.params), fp32.summary["outer_updates"]
-    assert coded.summary["bytes_sent"] == rounds * 2 * 3 * make_codec(codec).nbytes(n)
+    n, rounds, M = numel(fp32.params), fp32.summary["outer_updates"], 4
+    nbytes = make_codec(codec).nbytes
+    # runtime/collectives.py: fp32 is a ring over M chunks of ceil(n/M) values; bf16 a
+    # reduce-scatter + all-gather of bf16 chunks; int8 and fp4 (M <= 8) an all-gather.
+    per_rank = {"bf16": 2 * (M - 1) * nbytes(math.ceil(n / M)),
+                "int8": (M - 1) * nbytes(n), "fp4": (M - 1) * nbytes(n)}[codec]
+    assert fp32.summary["bytes_sent"] == rounds * M * 2 * (M - 1) * 4 * math.ceil(n / M)
+    assert coded.summary["bytes_sent"] == rounds * M * per_rank
     assert coded.summary["peak_payload_bytes"] == make_codec(codec).nbytes(n)
     if codec == "fp4":  # 1/8 of fp32 plus one float32 scale per 128 values
         assert coded.summary["peak_payload_bytes"] == math.ceil(n / 2) + 4 * math.ceil(n / 128)

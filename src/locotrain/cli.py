@@ -89,7 +89,7 @@ def cmd_sample(args) -> None:
 
     from .checkpoint import load_checkpoint
     from .data import CharTokenizer, Corpus
-    from .run import pick_device
+    from .setup import pick_device
     from .workloads import build_workload
 
     params, cfg, vocab, meta = load_checkpoint(Path(args.dir))
@@ -133,11 +133,11 @@ def cmd_launch(args) -> None:
 
 def cmd_list(args) -> None:
     from .algorithms import SUMMARIES
-    from .config import all_keys, preset_names, read_source
+    from .config import describe_keys, preset_names, read_source
     from .workloads import WORKLOADS
 
     if args.keys:
-        print("\n".join(all_keys()))
+        print("\n".join(describe_keys()))
         return
     print("presets:")
     for name in preset_names():

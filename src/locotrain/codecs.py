@@ -297,6 +297,25 @@ class Fp4Codec(_BlockScaled):
         return codes[:numel]
 
 
+# --------------------------------------------------------------------------- packing
+
+
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors -> one flat float32 vector (what a codec encodes), in the given order."""
+    if not tensors:
+        return torch.zeros(0)
+    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+
+def unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The inverse of flatten: views of `flat` shaped (and typed) like `like`."""
+    out, i = [], 0
+    for t in like:
+        out.append(flat[i:i + t.numel()].view(t.shape).to(t.dtype))
+        i += t.numel()
+    return out
+
+
 # --------------------------------------------------------------------------- factory
 
 

@@ -94,51 +94,26 @@ class SampleConfig:
     steps: int = 16  # remask decoding: denoising steps per block
 
 
-ALGORITHMS = ("ddp", "diloco", "streaming", "eager", "overlap_local_sgd", "async_local_sgd",
-              "halos")
+@dataclass
+class CodecSettings:
+    """Settings every algorithm reads: what it sends is encoded with `codec` (codecs.py)."""
+    codec: str = "fp32"  # fp32 | bf16 | int8 | fp4: what goes on the wire
+    codec_block: int = 128  # values per quantisation scale (int8, fp4)
 
 
 @dataclass
-class AlgorithmConfig:
-    """One flat table for every algorithm; names follow docs/algorithms.md (H, tau, alpha, ...).
-    Each algorithm reads the keys it uses and checks them."""
-    name: str = choice("ddp", *ALGORITHMS)
-    H: int = 50  # inner steps per round
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    codec: str = "fp32"  # fp32 | bf16 | int8 | fp4: what goes on the wire
-    codec_block: int = 128  # values per quantisation scale
-    reset_inner_state_each_round: bool = False
-    # Streaming DiLoCo
-    fragments: int = 1  # P; model.depth must be divisible by it
-    fragment_pattern: str = choice("strided", "strided", "sequential")
-    embeddings: str = choice("first", "first", "own")  # wte/head join fragment 0, or sync alone
-    tau: int = 0  # inner steps a fragment's all-reduce may overlap; tau < H / (fragments synced)
-    alpha: float = 0.0  # merge: local = alpha * local + (1 - alpha) * global
-    # eager / naive one-outer-step delay
-    mode: str = choice("eager", "eager", "naive")
-    # Overlap Local-SGD
-    pull: float = 0.6  # alpha of Wang et al.: x <- (1 - pull) x + pull * anchor
-    anchor_momentum: float = 0.0  # beta of Wang et al.
-    # Async Local-SGD and HALoS workers
-    server_optimizer: str = choice("delayed_nesterov", "delayed_nesterov", "nesterov")
-    buffer_size: int = 0  # N of delayed Nesterov; 0 = number of workers
-    momentum_activation: float = 0.0  # c of delayed Nesterov, 0 <= c <= 1/N
-    staleness_weighting: str = choice("none", "none", "constant", "polynomial")
-    dylu: bool = False  # dynamic local updates: H_w scaled by worker speed (async, halos, diloco)
-    dylu_rounding: str = choice("ceil", "ceil", "floor")
-    grace_period_s: float = 0.0
-    server_region: str = ""  # region of the parameter server; "" = the first region
-    # HALoS; defaults from its public example (lr x N as passed there: 0.2 x 16, 0.15 x 2)
-    K: int = 32  # worker updates a local server applies before pushing to the global one
-    local_lr: float = 3.2
-    local_momentum: float = 0.9
-    local_buffer: int = 16  # 0 = workers in the region
-    global_lr: float = 0.3
-    global_momentum: float = 0.5
-    global_buffer: int = 2  # 0 = number of regions
-    global_weight: float = 0.25  # local = (1 - w) * local + w * global on receiving the global model
-    global_region: str = ""
+class AlgorithmSection:
+    """`[algorithm]`: the chosen algorithm and its settings.
+
+    Each algorithm declares the keys it reads in its own dataclass, next to its code
+    (algorithms/<name>.py). Keys written directly under `[algorithm]` (or `--set
+    algorithm.KEY=...`) belong to the chosen algorithm, and a key it does not read is an
+    error. Tables `[algorithm.<name>]` hold settings for one algorithm each and are read only
+    when that algorithm runs, so a preset can carry settings for several (what `loco compare`
+    switches between). Precedence: defaults, then `[algorithm.<name>]`, then direct keys."""
+    name: str = "ddp"
+    settings: Any = None  # the chosen algorithm's settings (its own dataclass)
+    tables: dict = field(default_factory=dict)  # the other algorithms' tables, as written
 
 
 @dataclass
@@ -237,7 +212,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    algorithm: AlgorithmSection = field(default_factory=lambda: build_algorithm_section({}))
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -312,6 +287,10 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if tp is AlgorithmSection:
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a table, got {value!r}")
+        return build_algorithm_section(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise UserError(f"{where} must be a table, got {value!r}")
@@ -345,8 +324,61 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     return obj
 
 
+def _settings_keys(name: str) -> list[str]:
+    from .algorithms import settings_class
+
+    return [f.name for f in dataclasses.fields(settings_class(name))]
+
+
+def build_algorithm_section(data: dict) -> AlgorithmSection:
+    """The [algorithm] table -> the chosen algorithm's typed settings, checked key by key."""
+    from .algorithms import ALGORITHMS, settings_class
+
+    name = data.get("name", "ddp")
+    if name not in ALGORITHMS:
+        near = difflib.get_close_matches(str(name), ALGORITHMS, n=1)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        raise UserError(f"algorithm.name = {name!r} is not an algorithm; {hint}choose one of: "
+                        f"{', '.join(ALGORITHMS)}")
+    tables, direct = {}, {}
+    for key, value in data.items():
+        if key == "name":
+            continue
+        if key in ALGORITHMS:
+            if not isinstance(value, dict):
+                raise UserError(f"algorithm.{key} is {key}'s table of settings, not a value; "
+                                f"write [algorithm.{key}] or --set algorithm.{key}.KEY=VALUE")
+            for k in value:
+                if k not in _settings_keys(key):
+                    raise UserError(_not_read(key, k, f"algorithm.{key}.{k}"))
+            _build(settings_class(key), value, f"algorithm.{key}.")  # types and choices
+            tables[key] = value
+        else:
+            direct[key] = value
+    for key in direct:
+        if key not in _settings_keys(name):
+            raise UserError(_not_read(name, key, f"algorithm.{key}"))
+    settings = _build(settings_class(name), {**tables.pop(name, {}), **direct}, "algorithm.")
+    return AlgorithmSection(name, settings, tables)
+
+
+def _not_read(name: str, key: str, path: str) -> str:
+    """A key that algorithm `name` does not read: say who reads it, or what was meant."""
+    from .algorithms import ALGORITHMS
+
+    readers = [a for a in ALGORITHMS if key in _settings_keys(a)]
+    if readers:
+        where = (f"it is read by {', '.join(readers)}; settings for another algorithm go in "
+                 f"its own table, e.g. --set algorithm.{readers[0]}.{key}=...")
+    else:
+        near = difflib.get_close_matches(key, _settings_keys(name), n=1, cutoff=0.6)
+        where = f"did you mean '{near[0]}'?" if near else "no algorithm reads it"
+    return (f"{path}: {name} has no setting '{key}' ({where}); {name} reads: "
+            f"{', '.join(_settings_keys(name))}")
+
+
 def _unknown_key(path: str) -> str:
-    near = difflib.get_close_matches(path, _all_keys(Config), n=1, cutoff=0.6)
+    near = difflib.get_close_matches(path, all_keys(), n=1, cutoff=0.6)
     hint = f" (did you mean '{near[0]}'?)" if near else " (`loco list --keys` shows them all)"
     return f"unknown config key '{path}'{hint}"
 
@@ -434,15 +466,55 @@ def _toml_value(v: Any) -> str:
 
 
 def to_toml(cfg: Config) -> str:
-    """The fully resolved config as TOML (what `config.toml` in a run folder holds)."""
-    data = dataclasses.asdict(cfg)
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for section, table in data.items():
-        if isinstance(table, dict):
-            lines += ["", f"[{section}]"]
-            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    """The fully resolved config as TOML (what `config.toml` in a run folder holds). The
+    chosen algorithm's settings are written in full in its own table, so the file still
+    loads with another `algorithm.name`."""
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, AlgorithmSection):
+            lines += ["", "[algorithm]", f"name = {_toml_value(value.name)}"]
+            tables = {**value.tables, value.name: dataclasses.asdict(value.settings)}
+            for name, table in tables.items():
+                lines += ["", f"[algorithm.{name}]"]
+                lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        elif dataclasses.is_dataclass(value):
+            lines += ["", f"[{f.name}]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(value).items()]
+        else:
+            lines.insert(0, f"{f.name} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 
+def describe_keys() -> list[str]:
+    """`loco list --keys`: every key with its default, grouped by section; each algorithm's
+    settings under the algorithm that reads them."""
+    from .algorithms import ALGORITHMS, settings_class
+
+    lines = []
+    for f in dataclasses.fields(Config):
+        default = getattr(Config(), f.name) if f.name != "algorithm" else None
+        if f.name == "algorithm":
+            lines.append("algorithm.name = \"ddp\"  (one of: " + ", ".join(ALGORITHMS) + ")")
+            lines.append("  # algorithm.KEY sets KEY for the chosen algorithm; "
+                         "algorithm.<name>.KEY for one algorithm only")
+            for name in ALGORITHMS:
+                for k, v in dataclasses.asdict(settings_class(name)()).items():
+                    lines.append(f"algorithm.{name}.{k} = {_toml_value(v)}")
+        elif dataclasses.is_dataclass(default):
+            for k, v in dataclasses.asdict(default).items():
+                lines.append(f"{f.name}.{k} = {_toml_value(v)}")
+        else:
+            lines.append(f"{f.name} = {_toml_value(default)}")
+    return lines
+
+
 def all_keys() -> list[str]:
-    return _all_keys(Config)
+    """Every key: the sections' keys, `algorithm.name`, and `algorithm.<name>.<key>` for the
+    settings of every algorithm."""
+    from .algorithms import ALGORITHMS
+
+    keys = [k for k in _all_keys(Config) if not k.startswith("algorithm")]
+    keys.append("algorithm.name")
+    keys += [f"algorithm.{a}.{k}" for a in ALGORITHMS for k in _settings_keys(a)]
+    return keys

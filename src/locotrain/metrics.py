@@ -27,6 +27,15 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         raise
 
 
+def replica_spread(replicas: list[torch.Tensor]) -> float:
+    """How far replicas of one model drift apart: the RMS distance of the flat replicas from
+    their mean, relative to the mean's norm (0 when all agree)."""
+    stacked = torch.stack([r.double() for r in replicas])
+    mean = stacked.mean(0)
+    rms = (stacked - mean).pow(2).sum(1).mean().sqrt()
+    return (rms / mean.norm().clamp_min(1e-30)).item()
+
+
 class Recorder:
     """Evaluates the published global model when an evaluation is due and logs it.
 

@@ -17,11 +17,16 @@ Tensors = list[torch.Tensor]
 # --------------------------------------------------------------------------- schedule
 
 
-def lr_at(progress: float, lr: float, warmup: float, min_ratio: float) -> float:
-    """Linear warm-up over the first `warmup` fraction, then cosine down to lr * min_ratio."""
+def lr_at(progress: float, lr: float, warmup: float, min_ratio: float, step: float = 0.0) -> float:
+    """The learning rate of the step that starts at `progress` (a fraction of the budget):
+    linear warm-up over the first `warmup` fraction, then cosine down to lr * min_ratio.
+
+    `step` is one step's share of the budget. Warm-up runs lr (progress + step) / (warmup +
+    step), so step s of a run with W warm-up steps trains at lr (s + 1) / (W + 1), as nanoGPT
+    does: the first step already moves, none trains at 0."""
     progress = min(max(progress, 0.0), 1.0)
     if warmup > 0 and progress < warmup:
-        return lr * (progress / warmup)
+        return lr * (progress + step) / (warmup + step)
     span = max(1e-12, 1.0 - warmup)
     cosine = 0.5 * (1.0 + math.cos(math.pi * (progress - warmup) / span))
     return lr * (min_ratio + (1.0 - min_ratio) * cosine)

@@ -109,20 +109,29 @@ def _fmt_bytes(n: float) -> str:
 def comparison_markdown(summaries: dict[str, dict], evals: dict[str, list[dict]],
                         target: float, target_note: str = "") -> str:
     time_key = "sim_time_s" if all("sim_time_s" in s for s in summaries.values()) else "time_s"
+    spread = any("replica_spread" in s for s in summaries.values())
     head = ("| algorithm | final val bpc | best val bpc | time to "
             f"{target:.3f} bpc (s) | total time (s) | bytes sent | inter-region bytes | "
-            "peak payload | utilisation |")
-    lines = [head, "|" + "---|" * 9]
+            "most bytes from one host | peak payload | peak WAN link (Gbit/s) | utilisation |"
+            + (" replica spread |" if spread else ""))
+    lines = [head, "|" + "---|" * (11 + spread)]
     for name, s in summaries.items():
         t = time_to_target(evals[name], target, time_key)
+        host_max = max(s.get("bytes_by_host", {}).values(), default=0)
+        link = f"{s['peak_link_gbps']:.3g}" if "peak_link_gbps" in s else "-"
         lines.append(
             f"| {name} | {s['final_val_bpc']:.4f} | {s['best_val_bpc']:.4f} | "
             f"{'-' if t is None else f'{t:.1f}'} | {s.get(time_key, math.nan):.1f} | "
             f"{_fmt_bytes(s.get('bytes_sent', 0))} | {_fmt_bytes(s.get('bytes_inter_region', 0))} | "
-            f"{_fmt_bytes(s.get('peak_payload_bytes', 0))} | {s.get('utilization', math.nan):.3f} |")
+            f"{_fmt_bytes(host_max)} | {_fmt_bytes(s.get('peak_payload_bytes', 0))} | {link} | "
+            f"{s.get('utilization', math.nan):.3f} |"
+            + (f" {s['replica_spread']:.2e} |" if "replica_spread" in s else (" - |" if spread else "")))
     clock = "simulated" if time_key == "sim_time_s" else "wall-clock"
     lines += ["", f"Times are {clock} seconds. The target {target:.3f} bpc is {target_note or 'given'}; "
               "'time to target' interpolates between evaluations, '-' means never reached. "
               "Peak payload is the largest encoded message or all-reduce contribution of one "
-              "worker."]
+              "worker; the peak WAN link is the highest total rate any inter-region link carried "
+              "(simulated runs only)."
+              + (" Replica spread: how far the workers' own copies of the model drift apart "
+                 "(RMS distance from their mean / its norm, at the end)." if spread else "")]
     return "\n".join(lines) + "\n"

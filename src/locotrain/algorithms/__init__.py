@@ -1,12 +1,13 @@
-"""One file per algorithm. Each builds its processes from the job description and speaks
-only the runtime primitives of runtime/api.py."""
+"""One file per algorithm. Each declares the settings it reads (a dataclass next to its code,
+`SETTINGS`), builds its processes from the job description (`ALGORITHM`) and speaks only
+the runtime primitives of runtime/api.py.
+
+This module imports no algorithm (and no torch) until one is asked for, so `loco list`
+and `loco --help` answer at once."""
 
 from __future__ import annotations
 
 from importlib import import_module
-
-from ..config import ALGORITHMS, AlgorithmConfig
-from ..runtime.api import Algorithm, Job
 
 SUMMARIES = {
     "ddp": "data-parallel baseline: all-reduce of gradients every inner step",
@@ -17,11 +18,21 @@ SUMMARIES = {
     "async_local_sgd": "Async Local-SGD: one parameter server, delayed Nesterov, dynamic local updates",
     "halos": "HALoS: local parameter servers per region and one global server",
 }
+ALGORITHMS = tuple(SUMMARIES)
 
 
-def build_algorithm(cfg: AlgorithmConfig, job: Job) -> Algorithm:
-    module = import_module(f".{cfg.name}", __name__)
-    return module.ALGORITHM(cfg, job)
+def _module(name: str):
+    return import_module(f".{name}", __name__)
 
 
-__all__ = ["ALGORITHMS", "SUMMARIES", "build_algorithm"]
+def settings_class(name: str) -> type:
+    """The dataclass of the settings algorithm `name` reads."""
+    return _module(name).SETTINGS
+
+
+def build_algorithm(name: str, settings, job):
+    """The algorithm `name` with its settings, for this job (runtime/api.py's Algorithm)."""
+    return _module(name).ALGORITHM(settings, job)
+
+
+__all__ = ["ALGORITHMS", "SUMMARIES", "build_algorithm", "settings_class"]

@@ -6,8 +6,16 @@ overlap it), matching the analytic model of docs/algorithms.md section 12.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..codecs import make_codec
+from ..config import CodecSettings
 from ..runtime.api import Algorithm
+
+
+@dataclass
+class DDPSettings(CodecSettings):
+    """Data-parallel reads only the codec of its gradient all-reduce."""
 
 
 class DDP(Algorithm):
@@ -37,3 +45,4 @@ class DDP(Algorithm):
 
 
 ALGORITHM = DDP
+SETTINGS = DDPSettings

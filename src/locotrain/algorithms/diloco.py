@@ -13,13 +13,28 @@ of the token budget spent when a round starts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..codecs import make_codec
+from ..config import CodecSettings, choice
+from ..errors import UserError
 from ..optim import Nesterov
 from ..runtime.api import Algorithm
-from ..errors import UserError
-from .async_local_sgd import dylu_steps, modelled_rate
+from .parameter_server import dylu_steps, modelled_rate
+
+
+@dataclass
+class DiLoCoSettings(CodecSettings):
+    """The paper's outer optimizer (Nesterov, lr 0.7, momentum 0.9). Its H is 500 over
+    88,000 steps; our default of 50 suits runs of a few thousand steps."""
+    H: int = 50  # inner steps per round
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    reset_inner_state_each_round: bool = False
+    dylu: bool = False  # HALoS's "DiLoCo + DynUpd": steps per round scaled by worker speed
+    dylu_rounding: str = choice("ceil", "ceil", "floor")  # ceil, as HALoS's baseline
 
 
 class DiLoCo(Algorithm):
@@ -87,3 +102,4 @@ class DiLoCo(Algorithm):
 
 
 ALGORITHM = DiLoCo
+SETTINGS = DiLoCoSettings

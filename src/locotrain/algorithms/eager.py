@@ -30,27 +30,38 @@ With M=1 eager applies D^t in round t: DiLoCo up to float rounding (pinned by a 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..codecs import make_codec
+from ..config import CodecSettings, choice
 from ..errors import UserError
 from ..optim import Nesterov
-from .diloco import DiLoCo
+from ..runtime.api import Algorithm
 
 
-class EagerDiLoCo(DiLoCo):
-    """DiLoCo's processes and rounds (and its check H >= 1), with a delayed outer step."""
+@dataclass
+class EagerSettings(CodecSettings):
+    mode: str = choice("eager", "eager", "naive")
+    H: int = 50  # inner steps per round (the paper: 30 and 100)
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    reset_inner_state_each_round: bool = False
+
+
+class EagerDiLoCo(Algorithm):
+    """DiLoCo's rounds with a delayed outer step."""
 
     name = "eager"
 
-    def __init__(self, cfg, job):
-        super().__init__(cfg, job)  # raises UserError unless algorithm.H >= 1
-        if cfg.mode not in ("eager", "naive"):
-            raise UserError(f"algorithm.mode must be 'eager' or 'naive', got {cfg.mode!r}")
+    def __init__(self, cfg: EagerSettings, job):
+        super().__init__(cfg, job)
+        if cfg.H < 1:
+            raise UserError(f"algorithm.H must be >= 1, got {cfg.H}")
 
-    def make_outer(self) -> Nesterov:
-        """A replica's own outer optimizer (a method so tests can substitute a recorder)."""
-        return Nesterov(self.cfg.outer_lr, self.cfg.outer_momentum)
+    def processes(self):
+        return self.worker_processes(self.worker)
 
     def worker(self, ctx):
         job, cfg = self.job, self.cfg
@@ -58,13 +69,13 @@ class EagerDiLoCo(DiLoCo):
         codec = make_codec(cfg.codec, cfg.codec_block)
         params = list(ctx.params.values())
         x = [p.detach().clone() for p in params]  # this replica's own outer parameters
-        outer = self.make_outer()
+        outer = Nesterov(cfg.outer_lr, cfg.outer_momentum)  # this replica's own
         tokens_per_step = sum(job.tokens_per_step(m) for m in range(M))
         zeros = [torch.zeros_like(t) for t in x]
         prev_own, prev_mean, pending = zeros, zeros, None  # D_m^{t-1}, Dbar^{t-1}, h_{t-1}
         if ctx.worker == 0:
             ctx.publish(x, 0, 0)
-        done, rounds = 0, self.rounds()
+        done, rounds = 0, job.rounds(cfg.H)
         for r, h in enumerate(rounds):
             yield ctx.train(h)
             done += h
@@ -78,12 +89,14 @@ class EagerDiLoCo(DiLoCo):
             if cfg.reset_inner_state_each_round:
                 ctx.reset_optimizer()
             prev_own, pending = own, handle
+            ctx.record_replica(x)  # replicas drift apart by when their own terms entered
             if ctx.worker == 0:
                 ctx.publish(x, done * tokens_per_step, r + 1)
         # Flush: the last mean enters once; eager removes the own term applied in round T.
         last_mean = yield ctx.wait(pending)
         outer.step(x, self._input(eager, M, last_mean, zeros, prev_own))
         self._load(params, x)
+        ctx.record_replica(x)
         if ctx.worker == 0:
             # Still round T's update completed, not a new round: same tokens and count.
             ctx.publish(x, done * tokens_per_step, len(rounds))
@@ -104,3 +117,4 @@ class EagerDiLoCo(DiLoCo):
 
 
 ALGORITHM = EagerDiLoCo
+SETTINGS = EagerSettings

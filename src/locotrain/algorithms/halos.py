@@ -28,20 +28,41 @@ and tells the global server it is finished. Learning-rate progress is the share 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from ..codecs import make_codec
+from ..config import choice
 from ..errors import UserError
 from ..runtime.api import Algorithm, Process
-from .async_local_sgd import TaskPlanner, async_worker, check_async_config, server_optimizer
+from .parameter_server import (AsyncWorkerSettings, TaskPlanner, async_worker, check_buffers,
+                               server_optimizer, worker_index)
 
 GLOBAL = "gps"
 
 
 def local_name(region: int) -> str:
     return f"lps{region}"
+
+
+@dataclass
+class HALoSSettings(AsyncWorkerSettings):
+    """Defaults from HALoS's public example (examples/run_halos.sh; learning rates are
+    passed there as lr x N: 0.2 x 16 and 0.15 x 2)."""
+    H: int = 8
+    dylu_rounding: str = choice("ceil", "ceil", "floor")  # HALoS rounds up
+    K: int = 32  # worker updates a local server applies before pushing to the global one
+    local_lr: float = 3.2
+    local_momentum: float = 0.9
+    local_buffer: int = 16  # 0 = workers in the region
+    global_lr: float = 0.3
+    global_momentum: float = 0.5
+    global_buffer: int = 2  # 0 = number of regions
+    global_weight: float = 0.25  # local = (1 - w) local + w global on receiving the global model
+    global_region: str = ""  # "" = the first region
+    momentum_activation: float = 0.0  # c of both delayed-Nesterov optimizers
 
 
 class HALoS(Algorithm):
@@ -61,8 +82,9 @@ class HALoS(Algorithm):
         self.regions = sorted({w.region for w in job.workers})
         self.members = {r: [w.index for w in job.workers if w.region == r] for r in self.regions}
         buffers = [cfg.local_buffer or len(m) for m in self.members.values()]
-        check_async_config(cfg, buffers + [cfg.global_buffer or len(self.regions)],
-                           "algorithm.local_buffer, algorithm.global_buffer")
+        check_buffers(cfg, cfg.momentum_activation,
+                      buffers + [cfg.global_buffer or len(self.regions)],
+                      "algorithm.local_buffer, algorithm.global_buffer")
         self.shares = self._budget_shares()
 
     def _budget_shares(self) -> dict[int, int]:
@@ -92,7 +114,8 @@ class HALoS(Algorithm):
         codec = make_codec(cfg.codec, cfg.codec_block)
         members = self.members[region]
         planner = TaskPlanner(cfg, job, members, self.shares[region])  # relative to the fleet
-        opt = server_optimizer(cfg, cfg.local_lr, cfg.local_momentum, cfg.local_buffer or len(members))
+        opt = server_optimizer("delayed_nesterov", cfg.local_lr, cfg.local_momentum,
+                               cfg.local_buffer or len(members), cfg.momentum_activation)
         theta = ctx.initial_params()
         theta_merge = [t.clone() for t in theta]
         version = updates = merged_at = 0
@@ -118,19 +141,22 @@ class HALoS(Algorithm):
         def dispatch(w: int) -> bool:
             return planner.dispatch(ctx, w, theta, version, codec)
 
-        active = sum(dispatch(w) for w in members)
+        active = {w for w in members if dispatch(w)}
         while active or in_flight:
             msg = yield ctx.recv()
             if msg.failed:
                 if msg.src == GLOBAL:
                     raise RuntimeError(f"{local_name(region)}: the global server died")
-                ctx.log(f"worker {msg.src} died; carrying on without it")
-                active -= 1
+                w = worker_index(msg.src)
+                active.discard(w)
+                tokens = planner.release(w)
+                ctx.log(f"worker {msg.src} died; {tokens} tokens of its task go back to this "
+                        f"region's budget; carrying on with {len(active)} workers")
             elif msg.src == GLOBAL:
                 merge(msg.tensors)
                 in_flight = False
             else:
-                w = int(msg.src[1:])
+                w = worker_index(msg.src)
                 yield ctx.server_step()
                 opt.step(theta, msg.tensors)
                 ctx.record_staleness(version - msg.meta["version"])
@@ -138,7 +164,8 @@ class HALoS(Algorithm):
                 updates += 1
                 tokens_since_push += msg.meta["tokens"]
                 planner.observe(w, msg.meta["steps"], msg.meta["seconds"])
-                active -= not dispatch(w)
+                if not dispatch(w):
+                    active.discard(w)
             if not in_flight and updates - merged_at >= cfg.K:
                 push()
                 in_flight = True
@@ -152,8 +179,8 @@ class HALoS(Algorithm):
     def global_server(self, ctx):
         cfg = self.cfg
         codec = make_codec(cfg.codec, cfg.codec_block)
-        opt = server_optimizer(cfg, cfg.global_lr, cfg.global_momentum,
-                               cfg.global_buffer or len(self.regions))
+        opt = server_optimizer("delayed_nesterov", cfg.global_lr, cfg.global_momentum,
+                               cfg.global_buffer or len(self.regions), cfg.momentum_activation)
         theta = ctx.initial_params()
         version = tokens = 0
         ctx.publish(theta, 0, 0)
@@ -179,3 +206,4 @@ class HALoS(Algorithm):
 
 
 ALGORITHM = HALoS
+SETTINGS = HALoSSettings

@@ -27,11 +27,23 @@ only model all workers agree on.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..codecs import make_codec
+from ..config import CodecSettings
 from ..errors import UserError
 from ..runtime.api import Algorithm
+
+
+@dataclass
+class OverlapSettings(CodecSettings):
+    """Defaults from the authors' launch script (tau = 2, alpha = 0.6, beta = 0.7)."""
+    H: int = 2  # local steps between sync points (the paper's tau)
+    pull: float = 0.6  # the paper's alpha: x <- (1 - pull) x + pull * anchor
+    anchor_momentum: float = 0.7  # the paper's beta
+    reset_inner_state_each_round: bool = False
 
 
 class OverlapLocalSGD(Algorithm):
@@ -89,3 +101,4 @@ class OverlapLocalSGD(Algorithm):
 
 
 ALGORITHM = OverlapLocalSGD
+SETTINGS = OverlapSettings

@@ -9,10 +9,15 @@ non-block tensors (latent_ln) go: `embeddings = "first"` adds them to fragment 0
 `embeddings = "own"` makes them one extra fragment (index P), so Q = P or P+1 fragments sync.
 Every block trains at every inner step; nothing is frozen.
 
-Schedule, as in torchft (github.com/pytorch/torchft, torchft/local_sgd.py): fragment p sends
-after local step t whenever t >= t_p = (p+1)H/Q and (t - t_p) % H == 0, i.e. one fragment
-every H/Q steps, round-robin, and receives tau steps later (tau = 0: at once). H % Q == 0 and
-tau < H/Q, so at most one fragment is ever in flight.
+Schedule. One fragment syncs every gap = H/Q steps, round-robin, fragment p at
+t_p = (p+1) gap and every H steps after, and its all-reduce overlaps `tau` inner steps. The
+paper's Algorithm 1 can be read two ways, and `tau_anchor` picks one:
+  * "send" (default, the paper's pseudocode as we read it): the outer gradient is taken at
+    t_p + kH and merged tau steps later, at t_p + kH + tau;
+  * "merge" (torchft, github.com/pytorch/torchft, torchft/local_sgd.py): the outer gradient
+    is taken tau steps earlier, at t_p + kH - tau, so that the merge falls on t_p + kH.
+Both coincide at tau = 0. H % Q == 0 and tau < H/Q, so at most one fragment is ever in
+flight.
 
 Per fragment every worker keeps the global snapshot theta_p and its own outer Nesterov state
 (identical on all workers). Send: delta_p = theta_p - phi_p. Receive: theta_p <- Nesterov
@@ -30,15 +35,42 @@ one fragment the schedule is exactly DiLoCo's, including a shorter last round.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 
 from ..codecs import make_codec
+from ..config import CodecSettings, choice
 from ..errors import UserError
 from ..optim import Nesterov
 from ..runtime.api import Algorithm
 
 _BLOCK = re.compile(r"^h(\d+)\.")
+PAPER_BLOCKS_PER_FRAGMENT = 3  # Streaming DiLoCo's fragment size at every scale
+
+
+@dataclass
+class StreamingSettings(CodecSettings):
+    """Defaults are the paper's main setting (H = 100, fragments of 3 blocks, strided,
+    tau = 1, alpha = 0.5; outer Nesterov momentum 0.9) except the outer lr: 0.7 as in
+    torchft's example and DiLoCo (the paper's 0.4 is unverified). The paper sends fp4;
+    set codec = "fp4" for that."""
+    H: int = 100
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    fragments: int = 0  # P; 0 = as many as give fragments of about 3 blocks (at least 1)
+    fragment_pattern: str = choice("strided", "strided", "sequential")
+    embeddings: str = choice("first", "first", "own")  # wte/head join fragment 0, or sync alone
+    tau: int = 1  # inner steps a fragment's all-reduce overlaps; tau < H / (fragments synced)
+    alpha: float = 0.5  # merge: local = alpha * local + (1 - alpha) * global
+    tau_anchor: str = choice("send", "send", "merge")
+    reset_inner_state_each_round: bool = False
+
+
+def default_fragments(depth: int) -> int:
+    """The largest P <= depth / 3 that divides the depth (fragments of >= 3 blocks), or 1."""
+    return max([P for P in range(1, depth // PAPER_BLOCKS_PER_FRAGMENT + 1) if depth % P == 0],
+               default=1)
 
 
 class StreamingDiLoCo(Algorithm):
@@ -46,7 +78,8 @@ class StreamingDiLoCo(Algorithm):
 
     def __init__(self, cfg, job):
         super().__init__(cfg, job)
-        P, L = cfg.fragments, job.depth
+        L = job.depth
+        self.P = P = cfg.fragments or default_fragments(L)
         if cfg.H < 1:
             raise UserError(f"algorithm.H must be >= 1, got {cfg.H}")
         if P < 1 or L % P:
@@ -68,7 +101,7 @@ class StreamingDiLoCo(Algorithm):
 
     def fragments(self) -> list[list[str]]:
         """Parameter names of each fragment, each in job.param_names order."""
-        P, L, cfg = self.cfg.fragments, self.job.depth, self.cfg
+        P, L, cfg = self.P, self.job.depth, self.cfg
         F = L // P
         if cfg.fragment_pattern == "strided":
             owner = {b: b % P for b in range(L)}
@@ -122,11 +155,14 @@ class StreamingDiLoCo(Algorithm):
                 ctx.publish([theta[n] for n in job.param_names], step * tokens_per_step,
                             state["received"])
 
+        # Fragment sends happen at steps t with (t + offset) % gap == 0, t > 0; the receive
+        # follows tau steps later. offset = tau moves the sends so merges fall on the grid.
+        offset = tau if cfg.tau_anchor == "merge" else 0
         last_send = [0] * Q  # steps are 1-based, so 0 = never sent
         inflight = None  # (fragment, handle, step at which it is received)
         t = 0
         while t < S:
-            nxt = min(S, (t // gap + 1) * gap)
+            nxt = min(S, ((t + offset) // gap + 1) * gap - offset)
             if inflight is not None:
                 nxt = min(nxt, inflight[2])
             yield ctx.train(nxt - t)
@@ -134,8 +170,8 @@ class StreamingDiLoCo(Algorithm):
             if inflight is not None and inflight[2] == t:
                 yield from receive(inflight[0], inflight[1], t)
                 inflight = None
-            if t % gap == 0:  # fragment (t/gap - 1) mod Q sends; tau < gap, so not a receive step
-                p = (t // gap - 1) % Q
+            if (t + offset) % gap == 0:  # tau < gap, so never also a receive step
+                p = ((t + offset) // gap - 1) % Q
                 handle, last_send[p] = send(p), t
                 if tau == 0:
                     yield from receive(p, handle, t)
@@ -150,3 +186,4 @@ class StreamingDiLoCo(Algorithm):
 
 
 ALGORITHM = StreamingDiLoCo
+SETTINGS = StreamingSettings

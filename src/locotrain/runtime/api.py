@@ -155,6 +155,11 @@ class Context(ABC):
     def record_staleness(self, staleness: int) -> None:
         """Server versions between a worker's pull and its push, for one applied update."""
 
+    def record_replica(self, params: Tensors) -> None:
+        """This worker's own copy of the global model, when replicas may differ (eager
+        updates). The simulator reports how far they drift apart (`replica_spread`); the
+        real runtime, whose replicas live in separate processes, does not."""
+
     def log(self, text: str) -> None:
         """A line for the run's log (failures, stragglers, decisions)."""
 

@@ -162,20 +162,39 @@ class Network:
         hosts = list(hosts)
         phases: list[Callable[[float], list[_Spec]]] = []
         if len(hosts) > 1 and mode == "ring":
-            phases.append(lambda t: [self._ring(self.ring_order(hosts, t), nbytes, 2 * (len(hosts) - 1))])
+            steps = 2 * (len(hosts) - 1)
+            phases.append(lambda t: [self._ring(self.ring_order(hosts, t), steps * nbytes, steps)])
         elif len(hosts) > 1:
             groups = self._groups(hosts)
 
             def local(t: float) -> list[_Spec]:  # reduce-scatter / all-gather inside regions
-                return [self._ring(m, nbytes, len(m) - 1) for m in groups.values() if len(m) >= 2]
+                return [self._ring(m, (len(m) - 1) * nbytes, len(m) - 1)
+                        for m in groups.values() if len(m) >= 2]
 
             def leaders(t: float) -> list[_Spec]:
                 heads = [m[0] for m in groups.values()]
                 if len(heads) < 2:
                     return []
-                return [self._ring(self.ring_order(heads, t), nbytes, 2 * (len(heads) - 1))]
+                steps = 2 * (len(heads) - 1)
+                return [self._ring(self.ring_order(heads, t), steps * nbytes, steps)]
 
             phases = [local, leaders, local]
+        self._start_job(tag, phases)
+
+    def ring(self, now: float, hosts: list[str], per_member: int, hops: int, tag) -> None:
+        """Start a ring collective in which every member sends `per_member` bytes over `hops`
+        sequential steps (runtime/collectives.py says how many for each scheme): one fluid
+        flow over the ring's hops, then hops x the ring's worst hop latency."""
+        if len(set(hosts)) != len(hosts) or not hosts:
+            raise ValueError(f"ring collective needs distinct hosts, got {hosts}")
+        self._check_bytes(per_member)
+        for h in hosts:
+            self._region(h)
+        self._catch_up(now)
+        phases = []
+        if len(hosts) > 1:
+            phases.append(lambda t: [self._ring(self.ring_order(list(hosts), t),
+                                                per_member * len(hosts), hops)])
         self._start_job(tag, phases)
 
     # -- the event-loop interface ---------------------------------------------------
@@ -254,16 +273,17 @@ class Network:
             groups.setdefault(self.host_regions[h], []).append(h)
         return groups
 
-    def _ring(self, order: list[str], nbytes: int, steps: int) -> _Spec:
-        """One fluid flow for a ring collective of `steps` steps (2(M-1) for an all-reduce,
-        M-1 for a reduce-scatter or all-gather) over hosts in `order`."""
+    def _ring(self, order: list[str], total: int, steps: int) -> _Spec:
+        """One fluid flow for a ring collective in which the members together send `total`
+        bytes (each about total / M, split exactly so the counters stay integers) over
+        `steps` sequential steps (2(M-1) for an all-reduce, M-1 for a reduce-scatter or
+        all-gather), among hosts in `order`."""
         M = len(order)
         lat = self.cluster.latency
         usage: Counter = Counter()
         sent: dict[str, int] = {}
         inter, l_ring = 0, 0.0
-        # Members together send steps * S bytes; split it exactly so the counters stay integers.
-        base, extra = divmod(steps * nbytes, M)
+        base, extra = divmod(total, M)
         for i, a in enumerate(order):
             b = order[(i + 1) % M]
             ra, rb = self.host_regions[a], self.host_regions[b]
@@ -274,7 +294,7 @@ class Network:
                 usage[("link", ra, rb)] += 1
                 inter += sent[a]
             l_ring = max(l_ring, lat[ra][rb])
-        return _Spec(dict(usage), 8 * steps * nbytes / M, steps * l_ring, sent, inter)
+        return _Spec(dict(usage), 8 * total / M, steps * l_ring, sent, inter)
 
     def _start_job(self, tag, phases: list) -> None:
         job = _Job(next(self._job_seq), tag, iter(phases))

@@ -26,25 +26,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cluster import Cluster
-from ..codecs import Codec
+from ..codecs import Codec, flatten, unflatten
+from . import collectives
 from .api import (Algorithm, Context, Gradients, Handle, Job, Message, Recv, ServerStep,
                   Train, Wait)
 from .network import Network
 from .worker import WorkerState
+from ..metrics import replica_spread
 
 HEADER_BYTES = 64  # per point-to-point message: sender, version, counters
-
-
-def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1).float() for t in tensors]) if tensors else torch.zeros(0)
-
-
-def unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    out, i = [], 0
-    for t in like:
-        out.append(flat[i:i + t.numel()].view(t.shape).to(t.dtype))
-        i += t.numel()
-    return out
 
 
 @dataclass
@@ -61,6 +51,7 @@ class _Proc:
     mailbox: deque = field(default_factory=deque)
     spans: list = field(default_factory=list)  # (kind, start, end)
     finished_at: float = 0.0
+    replicas_recorded: int = 0
 
     def span(self, kind: str, start: float, end: float) -> None:
         if end <= start:
@@ -102,6 +93,9 @@ class _SimContext(Context):
     def record_staleness(self, staleness):
         self._rt.staleness.append(int(staleness))
 
+    def record_replica(self, params):
+        self._rt._record_replica(self._proc, params)
+
     def log(self, text):
         self._rt.recorder.log(f"[t={self._rt.time:.2f}s {self.name}] {text}")
 
@@ -134,6 +128,8 @@ class SimRuntime:
         self.tokens = 0
         self.staleness: list[int] = []
         self.peak_payload = 0
+        self._replicas: dict[int, dict[int, torch.Tensor]] = {}  # round -> worker -> replica
+        self.replica_spread: float | None = None
         self.wall_per_step: list[float] = []  # real seconds per inner step, per compute span
 
     # -- the loop -------------------------------------------------------------------
@@ -225,32 +221,30 @@ class SimRuntime:
 
     # -- collectives ----------------------------------------------------------------
     def _join_collective(self, proc: _Proc, tensors, codec: Codec) -> Handle:
+        """Join the all-reduce with this process's next collective index. The arithmetic and
+        the bytes are collectives.plan's, exactly what the real runtime does."""
         if proc.worker is None:
             raise RuntimeError(f"{proc.name} is not a worker; all-reduce is among workers only")
         key = proc.collectives
         proc.collectives += 1
         handle = Handle("all_reduce")
         M = len(self.worker_procs)
-        if M == 1 and codec.lossless:  # nothing to exchange; still a snapshot, as promised
-            handle.done, handle.result = True, [t.detach().clone() for t in tensors]
-            return handle
+        flat = flatten(tensors)  # a copy: the payload is snapshotted when the call is made
         coll = self._collectives.setdefault(key, {"parts": {}, "handles": [], "like": tensors})
-        flat = flatten(tensors)
-        coll["parts"][proc.worker.index] = flat.clone() if codec.lossless else codec.roundtrip(flat)
+        coll["parts"][proc.worker.index] = flat
         coll["handles"].append(handle)
-        coll["numel"] = flat.numel()
-        if len(coll["parts"]) == M:
-            total = coll["parts"][0].clone()
-            for m in range(1, M):
-                total += coll["parts"][m]
-            mean = total / M
-            coll["result"] = mean if codec.lossless else codec.roundtrip(mean)
-            coll["joined"] = self.time
-            nbytes = codec.nbytes(flat.numel())
-            self.peak_payload = max(self.peak_payload, nbytes)
-            hosts = [p.name for p in self.worker_procs]
-            self.network.all_reduce(self.time, hosts, nbytes, ("coll", key),
-                                    mode=self.cluster.cfg.allreduce)
+        if len(coll["parts"]) < M:
+            return handle
+        plan = collectives.plan(codec, M, flat.numel())
+        coll["result"] = plan.reduce([coll["parts"][m] for m in range(M)])
+        coll["joined"] = self.time
+        self.peak_payload = max(self.peak_payload, plan.payload_bytes)
+        hosts = [p.name for p in self.worker_procs]
+        if self.cluster.cfg.allreduce == "hierarchical":  # fp32 only (checked at build)
+            self.network.all_reduce(self.time, hosts, plan.payload_bytes, ("coll", key),
+                                    mode="hierarchical")
+        else:
+            self.network.ring(self.time, hosts, plan.bytes_per_rank, plan.hops, ("coll", key))
         return handle
 
     def _send(self, proc: _Proc, dst: str, tensors, codec: Codec, meta: dict) -> Handle:
@@ -307,6 +301,16 @@ class SimRuntime:
         self._schedule(self.time, proc, value)
 
     # -- records --------------------------------------------------------------------
+    def _record_replica(self, proc: _Proc, params) -> None:
+        """Replicas are compared once every worker has recorded the same round."""
+        k = proc.replicas_recorded
+        proc.replicas_recorded += 1
+        pending = self._replicas.setdefault(k, {})
+        pending[proc.worker.index] = flatten(params)
+        if len(pending) == len(self.worker_procs):
+            self.replica_spread = replica_spread(list(pending.values()))
+            del self._replicas[k]
+
     def _publish(self, params, tokens: int, updates: int) -> None:
         self.recorder.publish(params, tokens, updates, self.snapshot)
 
@@ -324,7 +328,11 @@ class SimRuntime:
             "bytes_sent": net.bytes_sent,
             "bytes_inter_region": net.bytes_inter_region,
             "utilization": sum(util) / len(util),
+            "peak_link_gbps": max(net.peak_link_bps.values(), default=0.0) / 1e9,
+            "bytes_by_host": dict(net.bytes_by_host),
         }
+        if self.replica_spread is not None:
+            out["replica_spread"] = self.replica_spread
         if self.staleness:
             out["staleness_mean"] = sum(self.staleness) / len(self.staleness)
             out["staleness_max"] = max(self.staleness)
@@ -338,6 +346,9 @@ class SimRuntime:
             "bytes_sent": self.network.bytes_sent,
             "bytes_inter_region": self.network.bytes_inter_region,
             "peak_payload_bytes": self.peak_payload, "wall_per_step": self.wall_per_step,
+            "bytes_by_host": dict(self.network.bytes_by_host),
+            "peak_link_gbps_by_link": {f"{self.cluster.regions[r]}->{self.cluster.regions[q]}": bps / 1e9
+                               for (r, q), bps in sorted(self.network.peak_link_bps.items())},
         }
 
     def timeline(self) -> list[dict]:

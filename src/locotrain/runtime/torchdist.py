@@ -44,17 +44,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..codecs import make_codec
+from ..codecs import flatten, make_codec, unflatten
 from ..config import load_config, to_toml
 from ..data import make_shards
 from ..errors import UserError
 from ..metrics import Recorder, atomic_write
-from ..run import build, prepare_out_dir, summarize, write_outputs
+from ..outputs import prepare_out_dir, summarize, write_outputs
+from ..setup import build
 from ..workloads import build_workload
+from . import collectives
 from .api import Context, Gradients, Handle, Message, Recv, ServerStep, Train, Wait
-from .sim import flatten, unflatten
 from .transport import Transport
 from .worker import WorkerState
+
+
+def _all_gather(out: torch.Tensor, payload: torch.Tensor, group):
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(out, payload, group=group, async_op=True)
 
 
 class PeerFailure(RuntimeError):
@@ -107,6 +113,9 @@ class DistRuntime:
     def __init__(self, cfg, rank: int, world: int, local_rank: int, out: Path | None,
                  force: bool, prepared: bool):
         self.cfg, self.rank, self.out, self.force, self.prepared = cfg, rank, out, force, prepared
+        if cfg.cluster.allreduce == "hierarchical":
+            raise UserError("cluster.allreduce = 'hierarchical' is modelled by the simulator only; "
+                            "real runs all-reduce over one ring (set cluster.allreduce = 'ring')")
         self.setup = build(cfg)
         self.job = self.setup.job
         procs = self.setup.algorithm.processes()
@@ -162,12 +171,9 @@ class DistRuntime:
         self.spans: list[tuple[str, float, float]] = []
         self.wall_per_step: list[float] = []
         self.collective_bytes = self.collective_inter = self.peak_payload = 0
+        self.scattering: list[Handle] = []  # quantised reduce-scatters in their first phase
         self.tokens = self.inner_steps = 0
         self.logs: list[str] = [note] if note and rank == 0 else []
-        # Tests inject a crash with LOCOTRAIN_DIE="rank:steps": that rank exits abruptly
-        # after that many inner steps, without a goodbye, as a killed process would.
-        die = os.environ.get("LOCOTRAIN_DIE", "")
-        self.die_after = int(die.split(":")[1]) if die and int(die.split(":")[0]) == rank else 1 << 62
         # A common start through the store: a collective barrier would need every rank,
         # CPU-only servers included, to agree on a backend device.
         self.store.set(f"locotrain/ready/{rank}", "1")
@@ -191,16 +197,16 @@ class DistRuntime:
         if isinstance(op, (Train, Gradients)):
             steps = op.steps if isinstance(op, Train) else 1
             tick = time.perf_counter()
+            self.advance_collectives()
             if isinstance(op, Train):
-                result = self.state.train(op.steps, op.progress, op.progress_end)
+                result = self.state.train(op.steps, op.progress, op.progress_end,
+                                          between_steps=self.advance_collectives)
             else:
                 result = self.state.gradients()[0]
             self.wall_per_step.append((time.perf_counter() - tick) / steps)
             self.inner_steps += steps
             self.tokens += steps * self.state.tokens_per_step
             self._span("compute", started)
-            if self.inner_steps >= self.die_after:  # fault injection for tests
-                os._exit(17)
             return result
         if isinstance(op, Wait):
             result = self._wait(op.handle)
@@ -218,33 +224,60 @@ class DistRuntime:
         self.spans.append((kind, started, time.perf_counter() - self.t0))
 
     # -- collectives ----------------------------------------------------------------------
+    # collectives.plan decides the scheme and the bytes; here each scheme's real exchange.
     def start_all_reduce(self, tensors, codec) -> Handle:
         M = self.job.M
         flat = flatten(tensors).to(self.device)
-        handle = Handle("all_reduce", state={"like": tensors, "codec": codec, "numel": flat.numel()})
-        if M == 1:
-            handle.done = True
-            result = flat.clone() if codec.lossless else codec.roundtrip(codec.roundtrip(flat))
-            handle.result = unflatten(result, tensors)
-            return handle
-        payload_bytes = codec.nbytes(flat.numel())
-        if codec.lossless:
-            handle.state["work"] = dist.all_reduce(flat, group=self.workers_group, async_op=True)
-            handle.state["flat"] = flat
-            sent = 2 * (M - 1) * payload_bytes // M
-        else:
-            payload = codec.encode(flat)
-            gathered = [torch.empty_like(payload) for _ in range(M)]
-            handle.state["work"] = dist.all_gather(gathered, payload, group=self.workers_group,
-                                                   async_op=True)
-            handle.state["gathered"] = gathered
-            sent = (M - 1) * payload_bytes
-        self.collective_bytes += sent
+        plan = collectives.plan(codec, M, flat.numel())
+        handle = Handle("all_reduce", state={"like": tensors, "plan": plan})
+        self.collective_bytes += plan.bytes_per_rank
         ring_next = (self.spec.worker + 1) % M
         if self.job.workers[ring_next].region != self.job.workers[self.spec.worker].region:
-            self.collective_inter += sent
-        self.peak_payload = max(self.peak_payload, payload_bytes)
+            self.collective_inter += plan.bytes_per_rank
+        self.peak_payload = max(self.peak_payload, plan.payload_bytes)
+        if M == 1:
+            handle.done, handle.result = True, unflatten(plan.reduce([flat]), tensors)
+            return handle
+        group = self.workers_group
+        if plan.scheme == "ring":
+            handle.state |= {"flat": flat, "work": dist.all_reduce(flat, group=group, async_op=True)}
+        elif plan.scheme == "gather":
+            payload = codec.encode(flat)
+            out = torch.empty(M * payload.numel(), dtype=torch.uint8, device=self.device)
+            handle.state |= {"out": out, "work": _all_gather(out, payload, group)}
+        else:  # scatter: send chunk j of the encoded contribution to rank j
+            chunks = plan.pad(flat).view(M, plan.chunk)
+            encoded = torch.cat([codec.encode(c) for c in chunks])
+            received = torch.empty_like(encoded)
+            work = dist.all_to_all_single(received, encoded, group=group, async_op=True)
+            handle.state |= {"received": received, "work": work, "phase": 1}
+            self.scattering.append(handle)
         return handle
+
+    def advance_collectives(self, block: bool = False) -> None:
+        """Start the all-gather of every quantised reduce-scatter whose first phase is done
+        (between inner steps, so the second phase overlaps compute too)."""
+        for handle in list(self.scattering):
+            work = handle.state["work"]
+            if not block and not work.is_completed():
+                continue
+            self._finish_work(work)
+            plan, M = handle.state["plan"], self.job.M
+            size = plan.codec.nbytes(plan.chunk)
+            mine = handle.state["received"].view(M, size)
+            mean = collectives.mean_in_rank_order([plan.codec.decode(b, plan.chunk) for b in mine])
+            out = torch.empty(M * size, dtype=torch.uint8, device=self.device)
+            handle.state |= {"out": out, "phase": 2,
+                             "work": _all_gather(out, plan.codec.encode(mean), self.workers_group)}
+            self.scattering.remove(handle)
+
+    def _finish_work(self, work) -> None:
+        try:
+            work.wait()
+        except RuntimeError as e:
+            raise PeerFailure(f"{self.spec.name}: all-reduce failed or did not complete within "
+                              f"runtime.timeout_s = {self.cfg.runtime.timeout_s} s; a peer process "
+                              f"probably died ({str(e).splitlines()[0][:120]})") from None
 
     def _wait(self, handle: Handle):
         if handle.done:
@@ -253,21 +286,20 @@ class DistRuntime:
             handle.state["event"].wait()
             handle.done = True
             return None
-        try:
-            handle.state["work"].wait()
-        except RuntimeError as e:
-            raise PeerFailure(f"{self.spec.name}: all-reduce failed or did not complete within "
-                              f"runtime.timeout_s = {self.cfg.runtime.timeout_s} s; a peer process "
-                              f"probably died ({str(e).splitlines()[0][:120]})") from None
-        codec, M = handle.state["codec"], self.job.M
-        if codec.lossless:
+        if handle.state.get("phase") == 1:
+            self.advance_collectives(block=True)
+        self._finish_work(handle.state["work"])
+        plan, M = handle.state["plan"], self.job.M
+        if plan.scheme == "ring":
             flat = handle.state["flat"].div_(M)
-        else:  # the simulator's arithmetic: decode, sum in rank order, mean, encode once more
-            parts = [codec.decode(g, handle.state["numel"]) for g in handle.state["gathered"]]
-            total = parts[0].clone()
-            for part in parts[1:]:
-                total += part
-            flat = codec.roundtrip(total / M)
+        elif plan.scheme == "gather":
+            size = plan.payload_bytes
+            parts = [plan.codec.decode(b, plan.numel) for b in handle.state["out"].view(M, size)]
+            flat = collectives.mean_in_rank_order(parts)
+        else:
+            size = plan.codec.nbytes(plan.chunk)
+            chunks = [plan.codec.decode(b, plan.chunk) for b in handle.state["out"].view(M, size)]
+            flat = torch.cat(chunks)[:plan.numel]
         handle.done, handle.result = True, unflatten(flat, handle.state["like"])
         return handle.result
 
@@ -382,6 +414,7 @@ class DistRuntime:
                   "wall_per_step": [x for s in workers for x in s["wall_per_step"]],
                   "utilization": sum(c / max(elapsed, 1e-9) for c in compute) / max(1, len(compute)),
                   "runtime": f"torch.distributed ({self.backend}) + TCP messages",
+                  "bytes_by_host": {s["name"]: s["bytes_sent"] for s in stats},
                   "step_time_by_worker_s": [float(np.median(s["wall_per_step"] or [0.0])) for s in workers]}
         if dead:
             total["dead_processes"] = sorted(dead)

@@ -41,7 +41,7 @@ class WorkerState:
         if progress is None:
             progress = self.steps / self.planned_steps
         c = self.cfg
-        lr = lr_at(progress, c.lr, c.warmup, c.min_lr_ratio)
+        lr = lr_at(progress, c.lr, c.warmup, c.min_lr_ratio, step=1 / self.planned_steps)
         for group in self.opt.param_groups:
             group["lr"] = lr
 
@@ -61,10 +61,11 @@ class WorkerState:
         self.steps += 1
 
     def train(self, steps: int, progress: float | None = None,
-              progress_end: float | None = None) -> torch.Tensor:
+              progress_end: float | None = None, between_steps=None) -> torch.Tensor:
         """`steps` inner steps; returns the summed training loss as a 0-d tensor (no sync).
-        The LR position is `progress` (constant), moving linearly to `progress_end` if given,
-        or the worker's own step count if both are None."""
+        Step i's LR position is progress + (progress_end - progress) i / steps, or the
+        worker's own step count if both are None. `between_steps` (the real runtime's) runs
+        after every step."""
         total = torch.zeros((), device=self.workload.device)
         for i in range(steps):
             total += self._backward()
@@ -72,6 +73,8 @@ class WorkerState:
             if progress is not None and progress_end is not None:
                 p = progress + (progress_end - progress) * i / steps
             self._step(p)
+            if between_steps is not None:
+                between_steps()
         return total
 
     def gradients(self) -> tuple[list[torch.Tensor], torch.Tensor]:

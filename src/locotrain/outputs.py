@@ -1,0 +1,93 @@
+"""The run folder: refusing to overwrite a run, the summary, and every file a finished run
+writes. Shared by the simulated and the real runtime's callers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from . import report
+from .checkpoint import save_checkpoint
+from .errors import UserError
+from .metrics import atomic_write
+
+RUN_FILES = ["config.toml", "metrics.jsonl", "summary.json", "model.safetensors",
+             "checkpoint.json", "samples.txt", "timeline.json", "plots"]
+
+
+def prepare_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; give a folder")
+    taken = [name for name in RUN_FILES if (out / name).exists()]
+    if taken and not force:
+        raise UserError(f"output folder '{out}' already holds a run ({taken[0]}); "
+                        "pass --force to replace it or choose another --out")
+    for name in taken:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def summarize(cfg, setup, recorder, final: dict, stats: dict, elapsed: float) -> dict:
+    """summary.json: what the run did and reached. `stats` come from the runtime."""
+    # best over evaluations on the same windows as the final one (eval.windows may make
+    # the ones during training use a subset)
+    best = min(e["val_bpc"] for e in recorder.evals if e["windows"] == final["windows"])
+    per_step = stats.get("wall_per_step") or [0.0]
+    s = {
+        "algorithm": cfg.algorithm.name,
+        "workload": cfg.workload.name,
+        "corpus": setup.corpus.name,
+        "params": setup.workload.num_params(),
+        "workers": setup.job.M,
+        "tokens": stats["tokens"],
+        "time_s": round(elapsed, 3),
+        "tokens_per_s": stats["tokens"] / max(elapsed, 1e-9),
+        "best_val_bpc": best,
+        "final_val_bpc": final["val_bpc"],
+        "final_val_loss": final["val_loss"],
+        "inner_steps": stats["inner_steps"],
+        "outer_updates": final["outer_updates"],
+        "bytes_sent": stats["bytes_sent"],
+        "bytes_inter_region": stats["bytes_inter_region"],
+        "peak_payload_bytes": stats["peak_payload_bytes"],
+        "utilization": final.get("utilization", stats.get("utilization")),
+        "device": str(setup.workload.device),
+        # host seconds per inner step (median over compute spans; on CUDA the host runs
+        # ahead of the GPU only as far as its launch queue allows, as in nanoGPT's timing)
+        "step_time_median_s": statistics.median(per_step),
+    }
+    for key in ("sim_time_s", "runtime", "dead_processes", "step_time_by_worker_s",
+                "bytes_by_host", "peak_link_gbps_by_link"):
+        if key in stats:
+            s[key] = stats[key]
+    if "val_bpc_stderr" in final:
+        s["final_val_bpc_stderr"] = final["val_bpc_stderr"]
+    for key in ("staleness_mean", "staleness_max", "replica_spread", "peak_link_gbps"):
+        if key in final:
+            s[key] = final[key]
+    return s
+
+
+def write_outputs(out, cfg, setup, params, summary, recorder, spans: list[dict]) -> None:
+    wl = setup.workload
+    save_checkpoint(out, params, cfg, setup.corpus.tokenizer.chars,
+                    {"workload": cfg.workload.name, "tokens": summary["tokens"],
+                     "final_val_bpc": summary["final_val_bpc"]})
+    started = time.perf_counter()
+    result = wl.sample(params, cfg.sample.prompt, cfg.sample.chars,
+                       torch.Generator().manual_seed(cfg.sample.seed))
+    summary["sample_steps_per_char"] = result.steps_per_char
+    summary["sample_s"] = round(time.perf_counter() - started, 3)
+    header = (f"# {cfg.workload.name}, {summary['tokens']} tokens, final val "
+              f"{'<= ' if 'final_val_bpc_stderr' in summary else ''}{summary['final_val_bpc']:.4f} bpc, "
+              f"{result.steps_per_char:.3f} model steps per character\n\n")
+    atomic_write(out / "samples.txt", header + result.text + "\n")
+    atomic_write(out / "timeline.json", json.dumps(spans))
+    report.plot_run(out, recorder.evals, spans, cfg.algorithm.name)
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
