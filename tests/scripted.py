@@ -8,7 +8,7 @@ What the script decides, instead of a model and a network:
   worker's parameters (default: every step subtracts the worker's canned `drift` vector,
   i.e. phi <- phi - drift_m per step); returns the summed loss.
 * `gradients(worker, params)`: what `ctx.gradients()` returns (canned per worker).
-* `ctx.apply(grads)`: plain SGD with learning rate 1, p <- p - g, so the effect is exact.
+* `yield ctx.apply(grads)`: plain SGD with learning rate 1, p <- p - g, so the effect is exact.
 * all-reduce: the plain mean of the contributions in rank order (or `reduce(parts)`).
 * messages: delivered in the order sent; a receive with a timeout returns None only when
   every process is blocked.
@@ -23,8 +23,8 @@ from collections import deque
 
 import torch
 
-from locotrain.runtime.api import (Context, Gradients, Handle, Message, Recv, ServerStep, Train,
-                                   Wait)
+from locotrain.runtime.api import (Apply, Context, Gradients, Handle, Message, Recv, ServerStep,
+                                   Train, Wait)
 
 
 class ScriptedContext(Context):
@@ -38,12 +38,6 @@ class ScriptedContext(Context):
 
     def now(self):
         return float(self._s.ticks)
-
-    def apply(self, grads, progress=None):
-        self._s.record(self.name, "apply", [g.clone() for g in grads])
-        with torch.no_grad():
-            for p, g in zip(self.params.values(), grads):
-                p.sub_(g)
 
     def reset_optimizer(self):
         self._s.record(self.name, "reset_optimizer", None)
@@ -154,6 +148,12 @@ class Script:
             grads = [g.clone() for g in self._gradients[worker]]
             self.record(name, "gradients", grads)
             return grads, False
+        if isinstance(op, Apply):
+            self.record(name, "apply", [g.clone() for g in op.grads])
+            with torch.no_grad():
+                for p, g in zip(self.params[worker].values(), op.grads):
+                    p.sub_(g)
+            return None, False
         if isinstance(op, ServerStep):
             return None, False
         return self._poll(name, op)

@@ -14,7 +14,7 @@ from locotrain.errors import UserError
 from locotrain.optim import DelayedNesterov, Nesterov
 from locotrain.run import build, simulate
 from locotrain.runtime import sim
-from locotrain.runtime.worker import WorkerState
+from locotrain.runtime.engine import Engine
 
 from conftest import tiny_config
 
@@ -279,7 +279,11 @@ def replay_one_worker(cfg, lr, momentum, N, merge=None):
     torch.manual_seed(cfg.train.seed)
     params0 = wl.init_params(cfg.train.seed)
     shards = make_shards(setup.corpus.train, job.M, cfg.data.shards, wl.window, cfg.train.seed)
-    worker = WorkerState(0, wl, params0, shards[0], cfg.train.batch_size, cfg.train, job.planned_steps)
+    engine = Engine("sequential")
+    worker = engine.add_worker(0, wl, params0, shards[0], cfg.train.batch_size, cfg.train,
+                               job.planned_steps)
+    engine.start()
+    tensors = list(worker.params.values())
     theta = [params0[n].detach().clone() for n in job.param_names]
     theta_g = [t.clone() for t in theta]
     theta_merge = [t.clone() for t in theta]
@@ -293,11 +297,11 @@ def replay_one_worker(cfg, lr, momentum, N, merge=None):
         progress = assigned / budget
         assigned += steps * TOK
         with torch.no_grad():
-            for p, t in zip(worker.tensors, start):
+            for p, t in zip(tensors, start):
                 p.copy_(t)
-        worker.train(steps, progress, assigned / budget)  # each step at its own place
+        engine.train(worker, steps, progress, assigned / budget)  # each step at its own place
         with torch.no_grad():
-            delta = [t - p for t, p in zip(start, worker.tensors)]
+            delta = [t - p for t, p in zip(start, tensors)]
         opt.step(theta, delta)
         start = [t.clone() for t in theta]  # the next task starts before the merge
         if merge:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from locotrain.data import load_corpus
-from locotrain.models.backbone import forward
+from locotrain.models.backbone import forward, forward_one
 from locotrain.workloads import build_workload
 
 from conftest import tiny_config
@@ -24,11 +24,11 @@ def test_ar_model_is_causal(corpus):
     wl = build_workload(tiny_config(), corpus)
     params = _randomize(wl.init_params(0))  # zero-init projections would hide leaks
     x = torch.randint(0, 65, (2, 16))
-    logits, _ = forward(wl.spec, params, x, wl.rotary)
+    logits, _ = forward_one(wl.spec, params, x, wl.rotary)
     for t in range(15):
         y = x.clone()
         y[:, t + 1:] = torch.randint(0, 65, (2, 15 - t))
-        logits2, _ = forward(wl.spec, params, y, wl.rotary)
+        logits2, _ = forward_one(wl.spec, params, y, wl.rotary)
         assert torch.allclose(logits[:, : t + 1], logits2[:, : t + 1], atol=1e-5)
         assert not torch.allclose(logits[:, t + 1:], logits2[:, t + 1:], atol=1e-5)
 
@@ -39,8 +39,8 @@ def test_diffusion_model_is_bidirectional(corpus):
     x = torch.randint(0, 65, (1, 16))
     y = x.clone()
     y[0, -1] = (y[0, -1] + 1) % 65
-    a, _ = forward(wl.spec, params, x, wl.rotary)
-    b, _ = forward(wl.spec, params, y, wl.rotary)
+    a, _ = forward_one(wl.spec, params, x, wl.rotary)
+    b, _ = forward_one(wl.spec, params, y, wl.rotary)
     assert not torch.allclose(a[0, 0], b[0, 0], atol=1e-5)  # the future changes the past
 
 
@@ -66,7 +66,7 @@ def test_diffusion_bound_of_a_uniform_model_is_log_vocab(corpus, context_len):
     assert result.stderr_bpc < 1e-6  # float32 rounding only
     g = torch.Generator().manual_seed(0)
     batch = corpus.train[:17 * 8].view(8, 17)
-    assert wl.loss(params, batch, g).item() == pytest.approx(math.log(65), rel=1e-6)
+    assert wl.loss(wl.stack(params), batch[None], [g]).item() == pytest.approx(math.log(65), rel=1e-6)
 
 
 def test_diffusion_loss_weights_each_sequence_by_its_mask_count(corpus):
@@ -76,7 +76,7 @@ def test_diffusion_loss_weights_each_sequence_by_its_mask_count(corpus):
     params = _randomize(wl.init_params(0), seed=3)
     batch = corpus.train[: 17 * 8].view(8, 17)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    loss = wl.loss(params, batch, g1)
+    loss = wl.loss(wl.stack(params), batch[None], [g1])[0]
     # recompute by hand with the same random stream
     x = batch[:, 1:]
     u = torch.rand((), generator=g2).item()
@@ -85,10 +85,23 @@ def test_diffusion_loss_weights_each_sequence_by_its_mask_count(corpus):
     ranks = torch.rand(8, 16, generator=g2).argsort(1).argsort(1)
     mask = ranks < ell[:, None]
     assert torch.equal(mask.sum(1), ell)
-    logits, _ = forward(wl.spec, params, torch.where(mask, wl.mask_id, x), wl.rotary)
+    logits, _ = forward_one(wl.spec, params, torch.where(mask, wl.mask_id, x), wl.rotary)
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x, reduction="none")
     expected = ((nll * mask).sum(1) / ell).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_stacked_forward_is_each_model_alone(corpus):
+    """Three models in one stacked call give each model's own logits, as if run alone."""
+    wl = build_workload(tiny_config("model.depth=2"), corpus)
+    models = [_randomize(wl.init_params(0), seed=s) for s in range(3)]
+    tokens = torch.randint(65, (3, 4, 16), generator=torch.Generator().manual_seed(1))
+    stacked = {k: torch.stack([m[k] for m in models]) for k in models[0]}
+    together, _ = forward(wl.spec, stacked, tokens, wl.rotary)
+    for w, m in enumerate(models):
+        alone, _ = forward_one(wl.spec, m, tokens[w], wl.rotary)
+        torch.testing.assert_close(together[w], alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(together[0], together[1])
 
 
 @pytest.mark.parametrize("overrides", [

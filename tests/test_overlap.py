@@ -9,8 +9,6 @@ import torch
 from conftest import tiny_config
 from locotrain.errors import UserError
 from locotrain.run import build, simulate
-from locotrain.runtime.sim import _SimContext
-from locotrain.runtime.worker import WorkerState
 
 
 def close(a, b, atol=1e-6):
@@ -20,69 +18,6 @@ def close(a, b, atol=1e-6):
 
 def clone(tensors):
     return [t.detach().clone() for t in tensors]
-
-
-@pytest.fixture
-def spies(monkeypatch):
-    """trains[w] = [(params before, params after)] per train call; sent[w] = [(y, handle)]."""
-    trains, sent = {}, {}
-    original_train = WorkerState.train
-    original_start = _SimContext.start_all_reduce
-
-    def train(self, steps, *schedule):
-        before = clone(self.tensors)
-        loss = original_train(self, steps, *schedule)
-        trains.setdefault(self.index, []).append((before, clone(self.tensors)))
-        return loss
-
-    def start(self, tensors, codec):
-        handle = original_start(self, tensors, codec)
-        sent.setdefault(self.worker, []).append((clone(tensors), handle))
-        return handle
-
-    monkeypatch.setattr(WorkerState, "train", train)
-    monkeypatch.setattr(_SimContext, "start_all_reduce", start)
-    return trains, sent
-
-
-def test_single_worker_without_pull_is_plain_training():
-    common = ["cluster.preset=single"]
-    overlap = simulate(tiny_config("algorithm.name=overlap_local_sgd", "algorithm.pull=0", "algorithm.H=5",
-                                   "algorithm.anchor_momentum=0", *common)).params
-    ddp = simulate(tiny_config("algorithm.name=ddp", *common)).params
-    close(list(overlap.values()), list(ddp.values()))
-
-
-@pytest.mark.parametrize("pull,beta", [(1.0, 0.0), (0.6, 0.0), (0.6, 0.7)])
-def test_every_sync_point_by_hand(spies, pull, beta):
-    trains, sent = spies
-    cfg = tiny_config("algorithm.name=overlap_local_sgd", f"algorithm.pull={pull}",
-                      f"algorithm.anchor_momentum={beta}", "algorithm.H=5",
-                      "cluster.preset=two-datacenters", "cluster.size=2")
-    result = simulate(cfg)
-    x0 = trains[0][0][0]
-    for w in (0, 1):
-        T = len(sent[w])
-        assert T == len(trains[w]) == 7
-        z, u = x0, [torch.zeros_like(t) for t in x0]
-        for k in range(T):
-            x = [(1 - pull) * a + pull * b for a, b in zip(trains[w][k][1], z)]
-            if beta > 0:
-                u = [beta * c + (b - a) for c, a, b in zip(u, x, z)]
-                y = [b - c for b, c in zip(z, u)]
-            else:
-                y = x
-            close(sent[w][k][0], y)
-            if k + 1 < T:  # the next round starts from the pulled model
-                close(trains[w][k + 1][0], x)
-            if pull == 1.0:  # ... which is then exactly the one-round-stale mean
-                assert all(torch.equal(a, b) for a, b in zip(sent[w][k][0], z))
-            z = sent[w][k][1].result  # z_{k+1}, the mean of this sync point's y's
-        final = list(result.params.values())
-        assert all(map(torch.equal, final, z))  # the last mean is the global model
-    if pull == 1.0:  # every worker sends z_k, so the anchor never leaves the start
-        assert all(map(torch.equal, final, x0))
-        assert max((a - b).abs().max() for a, b in zip(*trains[0][0])) > 1e-3  # yet x trained
 
 
 @pytest.mark.parametrize("size", [2, 4])

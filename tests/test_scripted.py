@@ -9,6 +9,7 @@ from locotrain.algorithms.ddp import DDP, DDPSettings
 from locotrain.algorithms.diloco import DiLoCo, DiLoCoSettings
 from locotrain.algorithms.eager import EagerDiLoCo, EagerSettings
 from locotrain.algorithms.halos import HALoS, HALoSSettings
+from locotrain.algorithms.overlap_local_sgd import OverlapLocalSGD, OverlapSettings
 from locotrain.algorithms.streaming import StreamingDiLoCo, StreamingSettings
 from locotrain.optim import Nesterov
 from locotrain.runtime.api import Job, WorkerInfo
@@ -188,6 +189,38 @@ def test_eager_with_momentum_feeds_nesterov_the_spec_inputs():
             expected.append(x[0][0].item())
         got = [r[0][0].item() for r in s.calls(f"w{m}", "replica")]
         assert got == pytest.approx(expected, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- Overlap Local-SGD
+
+
+@pytest.mark.parametrize("pull,beta", [(1.0, 0.0), (0.6, 0.0), (0.6, 0.7)])
+def test_overlap_every_sync_point_by_hand(pull, beta):
+    """Wang et al.'s rule at every sync point k, with x trained by H drift steps:
+    x <- (1 - pull) x + pull z_k; u <- beta u + (z_k - x); y = z_k - u (beta > 0) or x;
+    the all-reduce of the y's is z_{k+1}, and the last one is the global model."""
+    j = job([1, 1], names=("w",), steps=15)  # H = 5: three sync points
+    s = Script(OverlapLocalSGD(OverlapSettings(H=5, pull=pull, anchor_momentum=beta), j),
+               [torch.ones(2)], drift=drift(2, 1)).run()
+    ys = {m: [c[0] for c in s.calls(f"w{m}", "all_reduce")] for m in (0, 1)}
+    z = torch.ones(2)  # z_1: the initial parameters
+    x = {m: torch.ones(2) for m in (0, 1)}
+    u = {m: torch.zeros(2) for m in (0, 1)}
+    for k in range(3):
+        sent = []
+        for m in (0, 1):
+            x[m] = (1 - pull) * (x[m] - 5 * 0.1 * (m + 1)) + pull * z
+            if beta > 0:
+                u[m] = beta * u[m] + (z - x[m])
+                y = z - u[m]
+            else:
+                y = x[m]
+            assert torch.allclose(ys[m][k], y, atol=1e-6), (k, m)
+            sent.append(y)
+        z = (sent[0] + sent[1]) / 2
+    assert torch.allclose(s.calls("w0", "publish")[-1][0][0], z, atol=1e-6)
+    if pull == 1.0:  # every worker sends z_k, so the anchor never leaves the start
+        assert torch.allclose(z, torch.ones(2))
 
 
 # --------------------------------------------------------------------------- async family

@@ -10,7 +10,7 @@ from locotrain.codecs import make_codec
 from locotrain.data import make_shards
 from locotrain.run import build, simulate
 from locotrain.runtime.network import ring_allreduce_time
-from locotrain.runtime.worker import WorkerState
+from locotrain.runtime.engine import Engine
 
 from conftest import tiny_config
 
@@ -55,13 +55,15 @@ def test_diloco_lr1_momentum0_is_parameter_averaging():
     torch.manual_seed(cfg.train.seed)
     params = wl.init_params(cfg.train.seed)
     shards = make_shards(setup.corpus.train, job.M, cfg.data.shards, wl.window, cfg.train.seed)
-    workers = [WorkerState(m, wl, params, shards[m], cfg.train.batch_size, cfg.train,
-                           job.planned_steps) for m in range(job.M)]
+    engine = Engine("sequential")
+    workers = [engine.add_worker(m, wl, params, shards[m], cfg.train.batch_size, cfg.train,
+                                 job.planned_steps) for m in range(job.M)]
+    engine.start()
     rounds = setup.algorithm.rounds()
     assert rounds == [3, 3, 3, 3]  # 6144 tokens / (4 workers x 8 x 16) = 12 steps
     for h in rounds:
         for w in workers:
-            w.train(h)
+            engine.train(w, h)
         with torch.no_grad():
             for k in params:
                 mean = sum(w.params[k] for w in workers) / job.M

@@ -84,6 +84,20 @@ def cmd_compare(args) -> None:
     print(f"-> {out}")
 
 
+def cmd_sweep(args) -> None:
+    from .sweep import sweep
+
+    name = Path(args.config).stem
+    if not args.grid:
+        raise UserError("loco sweep needs at least one --grid KEY=V1,V2,...")
+    out = Path(args.out) if args.out else _default_out(name, "sweep")
+    table = sweep(args.config, args.grid, args.seeds, args.set, out, args.force, args.quiet,
+                  args.shard)
+    if table:
+        print(table)
+        print(f"-> {out}")
+
+
 def cmd_sample(args) -> None:
     import torch
 
@@ -172,6 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--algorithms", help="comma-separated variants, e.g. "
                    "ddp,diloco,diloco+H=100,eager+mode=naive (default: compare.algorithms)")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("sweep", help="many simulations in one process, batched together")
+    common(p)
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="values of one key (repeatable: the cartesian product runs)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per point (train.seed, +1, ...)")
+    p.add_argument("--shard", default="", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("launch", help="run on real processes on this machine (torch.distributed)")
     common(p)
     p.add_argument("--nproc", type=int, help="number of processes (checked against the config)")

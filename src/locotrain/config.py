@@ -197,10 +197,15 @@ class ClusterConfig:
 
 @dataclass
 class RuntimeConfig:
-    """The real runtime (`loco launch`); the simulator ignores it."""
+    """How a run executes: `engine` for the simulator, the rest for real processes."""
+    # How the simulator computes inner steps: "batched" runs every worker that trains at the
+    # same time in one stacked computation; "sequential" one worker at a time (the
+    # reference). "auto" = batched (docs/benchmarks.md measures both, on CPU and GPU).
+    engine: str = choice("auto", "auto", "batched", "sequential")
     timeout_s: float = 120.0  # a collective or handshake that takes longer is an error
     server_device: str = choice("cpu", "cpu", "auto")  # where parameter servers keep theta
     host: str = ""  # this process's address for messages; "" = the route to MASTER_ADDR
+    secret: str = ""  # shared by every rank to authenticate messages; "" = $LOCOTRAIN_SECRET
 
 
 @dataclass

@@ -68,6 +68,61 @@ def inner_optimizer(params: dict[str, torch.Tensor], name: str, lr: float, betas
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
+# --------------------------------------------------------------------------- stacked
+
+
+def _per_worker(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(W,) -> (W, 1, ..., 1), broadcasting over one stacked tensor's own dimensions."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+@torch.no_grad()
+def clip_stacked(grads: Tensors, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ for W workers at once: every tensor leads with the
+    worker dimension, and each worker's gradient is clipped by its own total norm.
+    Returns the norms (W,)."""
+    squares = torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads]).sum(0)
+    norms = squares.sqrt()
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s epsilon
+    for g in grads:
+        g.mul_(_per_worker(coef, g).to(g.dtype))
+    return norms
+
+
+@torch.no_grad()
+def adamw_stacked(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
+                  decays: list[bool], steps: torch.Tensor, lr: torch.Tensor, betas,
+                  weight_decay: torch.Tensor, eps: float = 1e-8) -> None:
+    """torch.optim.AdamW's update (its single-tensor arithmetic) for W workers at once. Every
+    tensor leads with the worker dimension; `steps` (the step count including this one),
+    `lr` and `weight_decay` are (W,) so that each worker keeps its own schedule, bias
+    correction and decay; `decays` says which tensors are decayed (matrices)."""
+    beta1, beta2 = betas
+    bias1 = 1 - beta1 ** steps
+    bias2_sqrt = (1 - beta2 ** steps).sqrt()
+    step_size = lr / bias1
+    for p, g, m, v, decay in zip(params, grads, exp_avgs, exp_avg_sqs, decays):
+        if decay:
+            p.mul_(_per_worker(1 - lr * weight_decay, p))
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / _per_worker(bias2_sqrt, v)).add_(eps)
+        p.addcdiv_(m * _per_worker(-step_size, m), denom)
+
+
+@torch.no_grad()
+def lion_stacked(params: Tensors, grads: Tensors, exp_avgs: Tensors, decays: list[bool],
+                 lr: torch.Tensor, betas, weight_decay: torch.Tensor) -> None:
+    """Lion's update (the class below) for W workers at once, as adamw_stacked."""
+    beta1, beta2 = betas
+    for p, g, m, decay in zip(params, grads, exp_avgs, decays):
+        update = m.lerp(g, 1 - beta1).sign_()
+        if decay:
+            p.mul_(_per_worker(1 - lr * weight_decay, p))
+        p.sub_(update * _per_worker(lr, p))
+        m.lerp_(g, 1 - beta2)
+
+
 # --------------------------------------------------------------------------- outer
 
 

@@ -82,6 +82,31 @@ def plot_run(out: Path, evals: list[dict], spans: list[dict] | None, label: str)
         plot_timeline(plots / "timeline.png", spans, f"{label}: compute / blocked / idle")
 
 
+def plot_sweep(path: Path, keys: list[str], rows: list[tuple[dict, dict, list[dict]]]) -> None:
+    """One panel per swept key (best bpc of every point against that key's value, the
+    values in the order given) and one with every point's curve against tokens."""
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4.2 * (len(keys) + 1), 3.8),
+                             squeeze=False, constrained_layout=True)
+    for ax, key in zip(axes[0], keys):
+        values = list(dict.fromkeys(settings[key] for settings, _, _ in rows))
+        xs = [values.index(settings[key]) for settings, _, _ in rows]
+        ax.scatter(xs, [s["best_val_bpc"] for _, s, _ in rows], s=18, alpha=0.8)
+        ax.set_xticks(range(len(values)), values)
+        ax.set_xlabel(key)
+        ax.set_ylabel("best validation bpc")
+        ax.grid(alpha=0.3)
+    ax = axes[0][-1]
+    for settings, _, evals in rows:
+        xs, ys = _curve(evals, "tokens")
+        ax.plot(xs, ys, lw=1, label=", ".join(f"{k.split('.')[-1]}={v}" for k, v in settings.items()))
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation bpc")
+    ax.grid(alpha=0.3)
+    if len(rows) <= 12:
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
 # --------------------------------------------------------------------------- comparison
 
 

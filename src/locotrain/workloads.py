@@ -90,9 +90,11 @@ class Workload(ABC):
         self._train_forward = forward
 
     def compile(self) -> None:
-        """torch.compile the training forward pass (fixed shapes; eval and sampling, whose
-        shapes vary, stay eager)."""
-        self._train_forward = torch.compile(forward, dynamic=False)
+        """torch.compile the training forward pass (eval and sampling, whose shapes vary,
+        stay eager). The number of workers stepped together varies in asynchronous runs:
+        torch.compile's default makes that dimension dynamic at its second value instead of
+        compiling once per width."""
+        self._train_forward = torch.compile(forward)
 
     # -- parameters ---------------------------------------------------------------
     def init_params(self, seed: int) -> Params:
@@ -108,14 +110,23 @@ class Workload(ABC):
         return contextlib.nullcontext()
 
     def _forward(self, params: Params, tokens: torch.Tensor, latent=None, train=False):
+        """W models at once: every parameter and `tokens` (W, B, T) lead with the worker
+        dimension (models/backbone.py)."""
         fn = self._train_forward if train else forward
         with self.autocast():
             return fn(self.spec, params, tokens, self.rotary, latent=latent, train=train)
 
+    @staticmethod
+    def stack(params: Params) -> Params:
+        """One model's parameters as a stack of one (views, no copy)."""
+        return {k: v.unsqueeze(0) for k, v in params.items()}
+
     # -- what each workload defines ------------------------------------------------
     @abstractmethod
-    def loss(self, params: Params, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Training loss of a batch of windows (B, seq_len + 1)."""
+    def loss(self, params: Params, batch: torch.Tensor,
+             generators: list[torch.Generator]) -> torch.Tensor:
+        """Training losses of W models, (W,): stacked `params`, batches (W, B, seq_len + 1),
+        and each model's own random stream (for masks; unused by the AR model)."""
 
     @abstractmethod
     def evaluate(self, params: Params, limit: int = 0) -> EvalResult:
@@ -134,16 +145,18 @@ class ARGPT(Workload):
     summary = "character-level GPT, causal; exact bits per character"
     causal = True
 
-    def loss(self, params, batch, generator):
-        logits, _ = self._forward(params, batch[:, :-1], train=True)
-        return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+    def loss(self, params, batch, generators):
+        logits, _ = self._forward(params, batch[..., :-1], train=True)
+        nll = F.cross_entropy(logits.flatten(0, 2), batch[..., 1:].flatten(), reduction="none")
+        return nll.view(len(batch), -1).mean(1)
 
     @torch.no_grad()
     def evaluate(self, params, limit=0):
         windows = self.val_windows(limit)
+        params = self.stack(params)
         total, count = 0.0, 0
         for chunk in windows.split(self.cfg.eval.batch_size):
-            logits, _ = self._forward(params, chunk[:, :-1])
+            logits = self._forward(params, chunk[None, :, :-1])[0][0]
             nll = F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none")
             nll = nll[:, self.score_from:]
             total += nll.double().sum().item()
@@ -155,9 +168,10 @@ class ARGPT(Workload):
     def sample(self, params, prompt, chars, generator):
         ids = self.tokenizer.encode(prompt or "\n")
         x = torch.tensor([ids], device=self.device)
+        params = self.stack(params)
         temperature = self.cfg.sample.temperature
         for _ in range(chars):
-            logits, _ = self._forward(params, x[:, -self.spec.seq_len:])
+            logits = self._forward(params, x[None, :, -self.spec.seq_len:])[0][0]
             nxt = _pick(logits[0, -1], temperature, generator)
             x = torch.cat([x, nxt.view(1, 1)], dim=1)
         return SampleResult(self.tokenizer.decode(x[0].tolist()), chars, chars)
@@ -174,19 +188,21 @@ class MaskedDiffusion(Workload):
         self.context_len = cfg.workload.context_len
         self.loopholing = cfg.workload.loopholing
 
-    def _predict(self, params, x, train=False, generator=None):
-        """Logits for input x, with Loopholing's two passes where enabled.
+    def _predict(self, params, x, train=False, two_pass=None):
+        """Logits of W stacked models for inputs x (W, B, T), with Loopholing's two passes.
 
         Loopholing (Jo et al. 2025, arXiv 2510.19304) trains with self-conditioning: a first
         pass with an empty latent, no gradient; a second pass that adds its final hidden
-        state. `self_cond_rate` is the fraction of training batches that take two passes."""
+        state. `self_cond_rate` is the fraction of training batches that take two passes;
+        `two_pass` (W,) says which models' batches do (all of them outside training)."""
         if not self.loopholing:
             return self._forward(params, x, train=train)[0]
         latent = torch.zeros(*x.shape, self.spec.width, device=x.device)
-        rate = self.cfg.workload.self_cond_rate
-        if not train or torch.rand((), generator=generator).item() < rate:
+        if two_pass is None or bool(two_pass.any()):
             with torch.no_grad():
-                latent = self._forward(params, x, latent=latent, train=train)[1].float()
+                hidden = self._forward(params, x, latent=latent, train=train)[1].float()
+            keep = torch.ones(len(x), dtype=torch.bool) if two_pass is None else two_pass
+            latent = torch.where(keep.to(x.device).view(-1, 1, 1, 1), hidden, latent)
         return self._forward(params, x, latent=latent, train=train)[0]
 
     def _mask_exactly(self, n_seq: int, T: int, P: int, ell: torch.Tensor, generator) -> torch.Tensor:
@@ -197,25 +213,32 @@ class MaskedDiffusion(Workload):
         mask[:, P:] = ranks < ell.view(-1, 1)
         return mask.to(self.device)
 
-    def _masked_nll(self, params, x, mask, train=False, generator=None) -> torch.Tensor:
-        """Mean cross-entropy over the masked positions of each sequence: (n_seq,)."""
-        logits = self._predict(params, torch.where(mask, self.mask_id, x), train, generator)
-        nll = F.cross_entropy(logits.transpose(1, 2), x, reduction="none")
-        return (nll * mask).sum(1) / mask.sum(1)
+    def _masked_nll(self, params, x, mask, train=False, two_pass=None) -> torch.Tensor:
+        """Mean cross-entropy over the masked positions of each sequence of W stacked models:
+        x and mask (W, n_seq, T) -> (W, n_seq)."""
+        logits = self._predict(params, torch.where(mask, self.mask_id, x), train, two_pass)
+        nll = F.cross_entropy(logits.flatten(0, 2), x.flatten(), reduction="none").view(x.shape)
+        return (nll * mask).sum(-1) / mask.sum(-1)
 
-    def loss(self, params, batch, generator):
+    def loss(self, params, batch, generators):
         """The bound with mask rates stratified across the batch (MDLM's low-discrepancy
         sampler) and exactly l = ceil(t N) masked characters per sequence, weighted N / l.
         Drawing the count instead of Bernoulli masks keeps the bound and removes the
-        variance of tiny t, where one masked character would carry a weight of 1/t."""
-        x = batch[:, 1:]  # the same target characters as the AR model scores
-        B, T = x.shape
+        variance of tiny t, where one masked character would carry a weight of 1/t. Each
+        model draws its masks from its own stream, in the same order whatever the batch."""
+        x = batch[..., 1:]  # the same target characters as the AR model scores
+        W, B, T = x.shape
         N = T - self.context_len
-        u = torch.rand((), generator=generator).item()
-        t = (torch.arange(B, dtype=torch.float64) + u) / B
-        ell = (t * N).ceil().long().clamp(1, N)
-        mask = self._mask_exactly(B, T, self.context_len, ell, generator)
-        return self._masked_nll(params, x, mask, True, generator).mean()
+        masks, two_pass = [], torch.zeros(W, dtype=torch.bool)
+        for w, generator in enumerate(generators):
+            u = torch.rand((), generator=generator).item()
+            t = (torch.arange(B, dtype=torch.float64) + u) / B
+            ell = (t * N).ceil().long().clamp(1, N)
+            masks.append(self._mask_exactly(B, T, self.context_len, ell, generator))
+            if self.loopholing:
+                rate = self.cfg.workload.self_cond_rate
+                two_pass[w] = torch.rand((), generator=generator).item() < rate
+        return self._masked_nll(params, x, torch.stack(masks), True, two_pass).mean(-1)
 
     @torch.no_grad()
     def evaluate(self, params, limit=0):
@@ -227,6 +250,7 @@ class MaskedDiffusion(Workload):
         P = self.score_from
         generator = torch.Generator().manual_seed(1234)  # the same masks every evaluation
         windows = self.val_windows(limit)[:, 1:]
+        stacked = self.stack(params)
         W, T = windows.shape
         N = T - P
         per_window = torch.empty(W, K, dtype=torch.float64)
@@ -238,7 +262,8 @@ class MaskedDiffusion(Workload):
             u = torch.rand(n, 1, generator=generator)
             ell = 1 + ((torch.arange(K)[None, :] + u) * N / K).long().clamp(max=N - 1)  # 1..N
             mask = self._mask_exactly(n * K, T, P, ell, generator)
-            per_window[w0:w0 + n] = self._masked_nll(params, x, mask).double().view(n, K).cpu()
+            nll = self._masked_nll(stacked, x[None], mask[None])[0]
+            per_window[w0:w0 + n] = nll.double().view(n, K).cpu()
         estimate = per_window.mean().item()
         pairs = per_window[:, : K - K % 2].view(W, -1, 2)
         var_w = ((pairs[..., 0] - pairs[..., 1]) ** 2).sum(1) / K**2 if K >= 2 else per_window.var()
@@ -268,11 +293,13 @@ class MaskedDiffusion(Workload):
         latent = torch.zeros(1, x.size(1), self.spec.width, device=self.device)
         steps = 0
 
+        stacked = self.stack(params)
+
         def predict(x, latent):
             if self.loopholing:
-                logits, hidden = self._forward(params, x, latent=latent)
-                return logits, hidden.float()
-            return self._forward(params, x)[0], latent
+                logits, hidden = self._forward(stacked, x[None], latent=latent[None])
+                return logits[0], hidden[0].float()
+            return self._forward(stacked, x[None])[0][0], latent
 
         if s.method == "remask":
             # Iterative refinement (RoBERTaDiffusion-style): predict every generated position,

@@ -39,7 +39,7 @@ class DDP(Algorithm):
             if weight != 1.0:
                 grads = [g * weight for g in grads]
             mean = yield ctx.all_reduce(grads, codec)
-            ctx.apply(mean)
+            yield ctx.apply(mean)
             if ctx.worker == 0:
                 ctx.publish(params, (step + 1) * tokens_per_step, step + 1)
 

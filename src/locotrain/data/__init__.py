@@ -108,13 +108,21 @@ class Shard:
         self.block_starts = block_starts
         self.block_len = block_len
 
-    def batch(self, batch_size: int, length: int, generator: torch.Generator) -> torch.Tensor:
-        """(batch_size, length) windows drawn uniformly from this shard."""
+    def starts(self, batch_size: int, length: int, generator: torch.Generator) -> torch.Tensor:
+        """Where the next (batch_size) windows of `length` start: uniform over this shard."""
         blocks = torch.randint(len(self.block_starts), (batch_size,), generator=generator)
         offsets = torch.randint(self.block_len - length + 1, (batch_size,), generator=generator)
-        starts = self.block_starts[blocks] + offsets
-        index = starts[:, None] + torch.arange(length)
-        return self.tokens[index.to(self.tokens.device, non_blocking=True)]
+        return self.block_starts[blocks] + offsets
+
+    def batch(self, batch_size: int, length: int, generator: torch.Generator) -> torch.Tensor:
+        """(batch_size, length) windows drawn uniformly from this shard."""
+        return windows_at(self.tokens, self.starts(batch_size, length, generator), length)
+
+
+def windows_at(tokens: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
+    """The windows of `length` tokens at `starts` (any shape), gathered on tokens' device."""
+    starts = starts.to(tokens.device, non_blocking=True)
+    return tokens[starts[..., None] + torch.arange(length, device=tokens.device)]
 
 
 def make_shards(train: torch.Tensor, workers: int, mode: str, window: int, seed: int) -> list[Shard]:

@@ -8,9 +8,9 @@ needs it to reach 1.47 nats) and `causal`, which is the only architectural diffe
 between the autoregressive GPT and the masked-diffusion model (tiny-diffusion's "is_causal=
 False", github.com/nathan-barry/tiny-diffusion).
 
-Parameters are a flat dict of tensors passed in on every call. Nothing here is an
-nn.Module: that lets a runtime hold many replicas' parameters, hand any of them to the same
-function, and later batch replicas with torch.func.vmap.
+Parameters are a flat dict of tensors passed in on every call, each with a leading worker
+dimension: `forward` runs W models at once (the batched engine's inner steps), and
+`forward_one` is the one-model case (evaluation, sampling). Nothing here is an nn.Module.
 """
 
 from __future__ import annotations
@@ -99,11 +99,16 @@ def _rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, T, heads, head_dim); rotate the two halves of the head dimension.
+    # x: (N, T, heads, head_dim); rotate the two halves of the head dimension.
     half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
     cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (W, N, in) times each worker's own weight w (W, out, in): one batched matmul."""
+    return torch.bmm(x, w.transpose(1, 2))
 
 
 def forward(
@@ -115,35 +120,55 @@ def forward(
     latent: torch.Tensor | None = None,
     train: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """tokens (B, T) -> (logits (B, T, vocab_out) in float32, final hidden state (B, T, width)).
+    """W models at once, each with its own parameters and its own batch.
 
-    `latent` is the Loopholing input: the previous denoising step's final hidden state,
-    layer-normalised and added to the token embedding before the embedding norm.
+    params: every tensor with a leading worker dimension W; tokens (W, B, T) ->
+    (logits (W, B, T, vocab_out) in float32, final hidden state (W, B, T, width)). One model
+    is W = 1 (`forward_one`). Every matmul is a batched matmul over the workers and attention
+    runs over W * B sequences, so W small models cost about what one model with a W times
+    larger batch costs (the batched engine, runtime/engine.py).
+
+    `latent` (W, B, T, width) is the Loopholing input: the previous denoising step's final
+    hidden state, layer-normalised and added to the token embedding before the embedding norm.
     """
-    B, T = tokens.shape
+    W, B, T = tokens.shape
+    N, d = B * T, spec.width
     cos, sin = rotary[0][:T], rotary[1][:T]
     p_drop = spec.dropout if train else 0.0
-    x = F.dropout(params["wte"][tokens], p_drop, training=train)  # as nanoGPT's embedding dropout
+    # Row w of the stacked table holds worker w's embedding: offset the ids into it.
+    offsets = (torch.arange(W, device=tokens.device) * spec.vocab_in).view(W, 1, 1)
+    x = F.embedding(tokens + offsets, params["wte"].reshape(W * spec.vocab_in, d)).view(W, N, d)
+    x = F.dropout(x, p_drop, training=train)  # as nanoGPT's embedding dropout
     if latent is not None:
-        x = x + F.layer_norm(latent, (spec.width,), params["latent_ln.w"], params["latent_ln.b"])
+        w, b = params["latent_ln.w"], params["latent_ln.b"]
+        x = x + F.layer_norm(latent.reshape(W, N, d), (d,)) * w[:, None, :] + b[:, None, :]
     x = _rms_norm(x)
     for i in range(spec.depth):
         h = _rms_norm(x)
-        q = (h @ params[f"h{i}.wq"].T).view(B, T, spec.heads, spec.head_dim)
-        k = (h @ params[f"h{i}.wk"].T).view(B, T, spec.heads, spec.head_dim)
-        v = (h @ params[f"h{i}.wv"].T).view(B, T, spec.heads, spec.head_dim)
+        q = _linear(h, params[f"h{i}.wq"]).view(W * B, T, spec.heads, spec.head_dim)
+        k = _linear(h, params[f"h{i}.wk"]).view(W * B, T, spec.heads, spec.head_dim)
+        v = _linear(h, params[f"h{i}.wv"]).view(W * B, T, spec.heads, spec.head_dim)
         q, k = _rms_norm(_rotate(q, cos, sin)), _rms_norm(_rotate(k, cos, sin))
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             is_causal=spec.causal, dropout_p=p_drop,
         )
-        y = y.transpose(1, 2).reshape(B, T, spec.width) @ params[f"h{i}.wo"].T
+        y = _linear(y.transpose(1, 2).reshape(W, N, d), params[f"h{i}.wo"])
         x = x + F.dropout(y, p_drop, training=train)
         h = _rms_norm(x)
-        y = F.relu(h @ params[f"h{i}.fc"].T).square() @ params[f"h{i}.proj"].T
+        y = _linear(F.relu(_linear(h, params[f"h{i}.fc"])).square(), params[f"h{i}.proj"])
         x = x + F.dropout(y, p_drop, training=train)
     hidden = _rms_norm(x)
-    logits = (hidden @ params["head"].T).float()
+    logits = _linear(hidden, params["head"]).float()
     if spec.softcap > 0:
         logits = spec.softcap * torch.tanh(logits / spec.softcap)
-    return logits, hidden
+    return logits.view(W, B, T, -1), hidden.view(W, B, T, d)
+
+
+def forward_one(spec: Backbone, params: Params, tokens: torch.Tensor, rotary, *,
+                latent: torch.Tensor | None = None, train: bool = False):
+    """One model: params without the worker dimension, tokens (B, T)."""
+    stacked = {k: v.unsqueeze(0) for k, v in params.items()}
+    logits, hidden = forward(spec, stacked, tokens.unsqueeze(0), rotary,
+                             latent=None if latent is None else latent.unsqueeze(0), train=train)
+    return logits[0], hidden[0]

@@ -5,7 +5,7 @@ yields a handful of blocking primitives and calls a few non-blocking ones:
 
     loss  = yield ctx.train(steps)            # inner steps on this worker's own shard
     grads = yield ctx.gradients()             # one forward/backward, no optimizer step
-    ctx.apply(grads)                          # clip + optimizer step with given gradients
+    yield ctx.apply(grads)                    # clip + optimizer step with given gradients
     h     = ctx.start_all_reduce(tensors, codec)   # mean over all workers, non-blocking
     mean  = yield ctx.wait(h)                 # (or: mean = yield ctx.all_reduce(...))
     h     = ctx.send(dst, tensors, codec, meta)    # point-to-point, non-blocking
@@ -48,6 +48,12 @@ class Gradients:
 
 
 @dataclass
+class Apply:
+    grads: list  # one per parameter, in job.param_names order
+    progress: float | None = None
+
+
+@dataclass
 class Wait:
     handle: "Handle"
 
@@ -63,7 +69,7 @@ class ServerStep:
     pass
 
 
-Op = Train | Gradients | Wait | Recv | ServerStep
+Op = Train | Gradients | Apply | Wait | Recv | ServerStep
 
 
 @dataclass
@@ -97,7 +103,10 @@ class Context(ABC):
 
     name: str
     worker: int | None  # index of the worker this process drives, None for servers
-    params: dict[str, torch.Tensor]  # the worker's working parameters (workers only)
+    # The worker's working parameters (workers only). They belong to this process alone:
+    # no other process reads or writes them, which is what lets a runtime run a worker's
+    # inner steps late, early or batched with other workers' (runtime/engine.py).
+    params: dict[str, torch.Tensor]
 
     @abstractmethod
     def initial_params(self) -> Tensors:
@@ -115,9 +124,10 @@ class Context(ABC):
     def gradients(self) -> Gradients:
         return Gradients()
 
-    @abstractmethod
-    def apply(self, grads: Tensors, progress: float | None = None) -> None:
-        """Clip `grads`, take one inner optimizer step with them."""
+    def apply(self, grads: Tensors, progress: float | None = None) -> Apply:
+        """Clip `grads`, take one inner optimizer step with them (blocking, so that the
+        runtime can batch the steps of workers that apply at the same time)."""
+        return Apply(grads, progress)
 
     @abstractmethod
     def reset_optimizer(self) -> None:
@@ -126,8 +136,7 @@ class Context(ABC):
     # -- communication -------------------------------------------------------------
     @abstractmethod
     def start_all_reduce(self, tensors: Tensors, codec: Codec) -> Handle:
-        """Mean over all workers. With a lossy codec every contribution is encoded and the
-        mean is encoded once more (a quantised reduce-scatter, then all-gather)."""
+        """Mean over all workers; what is computed and sent is runtime/collectives.py's."""
 
     def all_reduce(self, tensors: Tensors, codec: Codec) -> Wait:
         return Wait(self.start_all_reduce(tensors, codec))

@@ -2,20 +2,26 @@
 
 It spawns one process per algorithm process (workers, then servers) with the environment
 torchrun gives its ranks (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and hosts
-the rendezvous store itself, as torchrun's agent does. Unlike torchrun it does not tear the
-whole group down when one rank dies: an asynchronous server carries on without a dead
-worker, and a synchronous run fails on its own within `runtime.timeout_s`; after that the
-launcher kills whatever is left, so no process outlives it. For several machines use torchrun
-with `-m locotrain.runtime.torchdist` (docs/runtime.md).
+the rendezvous store itself, as torchrun's agent does, on loopback. Unlike torchrun it does
+not tear the whole group down when one rank dies: an asynchronous server carries on without a
+dead worker, and every rank has deadlines of its own (collectives and silent peers time out
+after `runtime.timeout_s`), so the launcher waits for the ranks to end and prints one line for
+each that failed. It stops them itself only when it is told to stop (SIGINT, SIGTERM, SIGHUP),
+and a rank dies with it even when the launcher is killed outright (SIGKILL). For several
+machines use torchrun with `-m locotrain.runtime.torchdist` (docs/runtime.md).
 """
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,16 +30,25 @@ import torch.distributed as dist
 from ..config import to_toml
 from ..errors import UserError
 from ..metrics import atomic_write
+from .transport import SECRET_ENV, is_loopback, resolve_secret
+
+LAUNCHER_ENV = "LOCOTRAIN_LAUNCHER_PID"  # set in the ranks: die when this process dies
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_GRACE_S = 5.0  # between SIGTERM and SIGKILL when stopping the ranks
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class _Stopped(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped(signum)
 
 
 def launch(cfg, out: Path, nproc: int | None, force: bool) -> int:
-    """Returns the exit code: 0 when the run folder was written."""
+    """Returns the exit code: 0 when the run folder was written, 128 + N on signal N."""
     from ..run import build, prepare_out_dir
 
     setup = build(cfg)
@@ -42,52 +57,147 @@ def launch(cfg, out: Path, nproc: int | None, force: bool) -> int:
     if nproc is not None and nproc != n:
         raise UserError(f"{cfg.algorithm.name} on this cluster runs {n} processes ({setup.job.M} "
                         f"workers + {n - setup.job.M} server(s)); --nproc says {nproc}")
+    # Messages between ranks are authenticated. When every rank listens on loopback a secret
+    # made up for this run keeps out other local users; a non-loopback runtime.host means the
+    # ranks are reachable from elsewhere, and then the user must choose the secret.
+    secret = cfg.runtime.secret or os.environ.get(SECRET_ENV, "")
+    if secret or (cfg.runtime.host and not is_loopback(cfg.runtime.host)):
+        secret = resolve_secret(secret)
+    else:
+        secret = secrets.token_hex(32)
+    # The children read the secret from their environment; it never goes into the run folder.
+    cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, secret=""))
     prepare_out_dir(out, force)
     atomic_write(out / "config.toml", to_toml(cfg))
-    port = free_port()
-    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+
+    # torch's TCPStore has no bind address: given a host name it still listens on every
+    # interface. It does take a socket we already bound (master_listen_fd), so the store
+    # listens on loopback only, and the port is ours from the start (no free-port race).
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                              master_listen_fd=listener.fileno())
+        listener.detach()  # the store owns the socket now, and closes it
     threads = max(1, (os.cpu_count() or 1) // n)
     gpu_ranks = setup.job.M if cfg.runtime.server_device == "cpu" else n
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
             "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "TORCHELASTIC_USE_AGENT_STORE": "True",
             "OMP_NUM_THREADS": str(threads), "LOCOTRAIN_THREADS": str(threads),
-            "LOCOTRAIN_GPU_RANKS": str(gpu_ranks)}
+            "LOCOTRAIN_GPU_RANKS": str(gpu_ranks), SECRET_ENV: secret,
+            LAUNCHER_ENV: str(os.getpid())}
+    if not cfg.runtime.host or is_loopback(cfg.runtime.host):
+        # Left alone, gloo listens on the address the host name resolves to and NCCL on the
+        # first non-loopback interface, and neither authenticates: keep them on loopback too.
+        lo = _loopback_interface()
+        if lo:
+            base.setdefault("GLOO_SOCKET_IFNAME", lo)
+            base.setdefault("NCCL_SOCKET_IFNAME", lo)
     cmd = [sys.executable, "-m", "locotrain.runtime.torchdist", str(out / "config.toml"),
            "--out", str(out), "--prepared"]
-    children = [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
-                                 start_new_session=True) for r in range(n)]
-    codes: dict[int, int] = {}
-    deadline = None
+    children: list[subprocess.Popen] = []
+    previous = {}
     try:
-        while len(codes) < n:
-            for r, child in enumerate(children):
-                if r not in codes and child.poll() is not None:
-                    codes[r] = child.returncode
-                    if child.returncode != 0:
-                        print(f"loco launch: process {procs[r].name} (rank {r}) exited with "
-                              f"code {child.returncode}", file=sys.stderr)
-                        if deadline is None:  # give the others time to notice and finish
-                            deadline = time.monotonic() + cfg.runtime.timeout_s + 15
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-    except KeyboardInterrupt:
-        print("loco launch: interrupted; stopping every process", file=sys.stderr)
+        if threading.current_thread() is threading.main_thread():  # (signals need it)
+            for s in _STOP_SIGNALS:
+                previous[s] = signal.signal(s, _raise_stopped)
+        # Own sessions: a Ctrl-C in the terminal reaches the launcher only, which stops the
+        # ranks in order (and their process groups with them, e.g. compile workers), instead
+        # of every rank printing its own KeyboardInterrupt at once.
+        for r in range(n):
+            children.append(subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                             start_new_session=True))
+        _wait(children, procs)
+    except _Stopped as e:
+        print(f"loco launch: got {e}; stopping every process", file=sys.stderr)
+        return 128 + e.signum  # after `finally` has stopped them
     finally:
+        for s in previous:  # a late signal must not interrupt the cleanup
+            signal.signal(s, signal.SIG_IGN)
         _stop(children)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         del store
     return 0 if (out / "summary.json").is_file() else 1
+
+
+def _wait(children: list[subprocess.Popen], procs) -> None:
+    """Until every rank has ended; one line for each that failed."""
+    codes: dict[int, int] = {}
+    why: dict[int, str] = {}
+    while len(codes) < len(children):
+        for r, child in enumerate(children):
+            if r in codes or child.poll() is None:
+                continue
+            codes[r] = child.returncode
+            if child.returncode:
+                reason = why.get(r) or (f"exited with code {child.returncode}" if child.returncode > 0
+                                        else f"was killed by {signal.Signals(-child.returncode).name}")
+                print(f"loco launch: process {procs[r].name} (rank {r}) {reason}", file=sys.stderr)
+        # A stopped rank (SIGSTOP) cannot end on its own. Its peers declare it dead after
+        # runtime.timeout_s; once every other rank has ended, nothing is left to resume it for.
+        left = [r for r in range(len(children)) if r not in codes]
+        if codes and left and all(_stopped(children[r].pid) for r in left):
+            for r in left:
+                why[r] = "was stopped (SIGSTOP) when every other process had ended; killed it"
+                _signal_group(children[r], signal.SIGKILL)
+        time.sleep(0.1)
 
 
 def _stop(children: list[subprocess.Popen]) -> None:
     """Terminate, then kill, every child still running (and its process group)."""
     alive = [c for c in children if c.poll() is None]
     for c in alive:
-        os.killpg(c.pid, signal.SIGTERM)
-    end = time.monotonic() + 5
+        _signal_group(c, signal.SIGTERM)
+        _signal_group(c, signal.SIGCONT)  # a stopped process acts on SIGTERM only once resumed
+    end = time.monotonic() + _GRACE_S
     for c in alive:
         try:
             c.wait(max(0.0, end - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(c.pid, signal.SIGKILL)
+            _signal_group(c, signal.SIGKILL)
             c.wait()
+
+
+def _signal_group(child: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(child.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _stopped(pid: int) -> bool:
+    """Whether `pid` is stopped by a signal (Linux /proc; elsewhere: never known)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
+def _loopback_interface() -> str | None:
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return next((name for name in names if name in ("lo", "lo0")), None)
+
+
+def die_with_launcher() -> None:
+    """In a rank that `loco launch` started: end when the launcher ends, however it ends.
+
+    The launcher stops its ranks when it is interrupted or terminated, but nothing runs in a
+    process killed with SIGKILL. So each rank asks Linux for SIGKILL when its parent dies
+    (PR_SET_PDEATHSIG; the rank is spawned from the launcher's main thread, which lives as long
+    as the launcher). It does so here rather than in a preexec_fn, which is unsafe in a process
+    with threads (the store's). The launcher may have died before this ran (starting Python
+    and importing torch take seconds): then this process already has another parent, and ends.
+    """
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if not launcher:
+        return
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != int(launcher):
+        print("loco: the launcher that started this process is gone; exiting", file=sys.stderr)
+        os._exit(1)

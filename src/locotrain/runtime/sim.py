@@ -8,8 +8,11 @@ and ties must break by (time, process, sequence) so that runs are bit-for-bit re
 Both are a few lines on a heap and awkward through SimPy's interrupts; the loop below is
 ~150 lines and has no dependency.
 
-Compute is real and eager: when a worker asks for `n` inner steps at virtual time t, the
-steps run now and the worker resumes at t + modelled duration. This is exact because a
+Compute is real and deferred: when a worker asks for `n` inner steps at virtual time t, it
+resumes at t + the modelled duration, and the steps are a job of runtime/engine.py that runs
+by then, batched with whatever other workers' jobs are pending. The loop decides *when*
+things happen from the timing model alone, so it never waits for arithmetic to know what
+comes next; it needs a job's result only when the worker resumes. This is exact because a
 worker's steps read only its own state; everything shared (collectives, messages, servers)
 is resolved in virtual-time order.
 """
@@ -28,10 +31,10 @@ import torch
 from ..cluster import Cluster
 from ..codecs import Codec, flatten, unflatten
 from . import collectives
-from .api import (Algorithm, Context, Gradients, Handle, Job, Message, Recv, ServerStep,
+from .api import (Algorithm, Apply, Context, Gradients, Handle, Job, Message, Recv, ServerStep,
                   Train, Wait)
+from .engine import Engine, Row
 from .network import Network
-from .worker import WorkerState
 from ..metrics import replica_spread
 
 HEADER_BYTES = 64  # per point-to-point message: sender, version, counters
@@ -43,7 +46,7 @@ class _Proc:
     name: str
     region: int
     gen: object = None
-    worker: WorkerState | None = None
+    worker: Row | None = None
     done: bool = False
     waiting: object = None  # the Handle or Recv it is blocked on
     wait_start: float = 0.0
@@ -75,11 +78,8 @@ class _SimContext(Context):
     def initial_params(self):
         return [t.detach().clone() for t in self._rt.initial]
 
-    def apply(self, grads, progress=None):
-        self._proc.worker.apply(grads, progress)
-
     def reset_optimizer(self):
-        self._proc.worker.reset_optimizer()
+        self._rt.engine.reset_optimizer(self._proc.worker)
 
     def start_all_reduce(self, tensors, codec):
         return self._rt._join_collective(self._proc, tensors, codec)
@@ -101,10 +101,9 @@ class _SimContext(Context):
 
 
 class SimRuntime:
-    def __init__(self, cluster: Cluster, job: Job, algorithm: Algorithm,
-                 workers: list[WorkerState], recorder,
-                 initial: list[torch.Tensor], seed: int = 0):
-        self.cluster, self.job, self.algorithm = cluster, job, algorithm
+    def __init__(self, cluster: Cluster, job: Job, algorithm: Algorithm, engine: Engine,
+                 workers: list[Row], recorder, initial: list[torch.Tensor], seed: int = 0):
+        self.cluster, self.job, self.algorithm, self.engine = cluster, job, algorithm, engine
         self.initial = initial
         self.recorder = recorder
         self.step_times = [w.step_time for w in job.workers]  # modelled seconds per step
@@ -130,10 +129,16 @@ class SimRuntime:
         self.peak_payload = 0
         self._replicas: dict[int, dict[int, torch.Tensor]] = {}  # round -> worker -> replica
         self.replica_spread: float | None = None
-        self.wall_per_step: list[float] = []  # real seconds per inner step, per compute span
 
     # -- the loop -------------------------------------------------------------------
     def run(self) -> None:
+        for job in self.events():
+            self.engine.complete(job)
+
+    def events(self):
+        """The event loop. It pauses (yields) whenever a worker resumes whose compute job has
+        not run yet; the caller completes the job, batched with every other pending job
+        (several simulations can share one engine: `loco sweep`)."""
         for proc in self.procs:
             self._schedule(0.0, proc, None)
         while True:
@@ -147,6 +152,8 @@ class SimRuntime:
                     self._on_network(tag)
             else:
                 self.time, _, _, proc, value = heapq.heappop(self._heap)
+                if isinstance(value, _Finished) and not value.job.finished:
+                    yield value.job
                 self._drive(proc, value)
         stuck = [f"{p.name} (waiting on {type(p.waiting).__name__})" for p in self.procs if not p.done]
         if stuck:
@@ -164,10 +171,14 @@ class SimRuntime:
             proc.span("idle", proc.wait_start, self.time)
             proc.waiting, value = None, None
         elif isinstance(value, _Finished):  # a compute span ended: count it, hand back the result
-            self.inner_steps += value.steps
-            self.tokens += value.tokens
-            self.recorder.on_train(value.tokens, value.steps, value.loss)
-            value = value.result[0] if isinstance(value.result, tuple) else value.result
+            job = value.job
+            if job.kind == "apply":
+                value = None
+            else:
+                self.inner_steps += job.steps
+                self.tokens += job.steps * proc.worker.tokens_per_step
+                self.recorder.on_train(job.steps * proc.worker.tokens_per_step, job.steps, job.loss)
+                value = job.result[0] if job.kind == "gradients" else job.result
         while True:
             try:
                 op = proc.gen.send(value)
@@ -175,11 +186,15 @@ class SimRuntime:
                 proc.done, proc.finished_at = True, self.time
                 return
             if isinstance(op, Train):
-                self._compute(proc, op.steps,
-                              lambda: proc.worker.train(op.steps, op.progress, op.progress_end))
+                self._compute(proc, self.engine.submit(proc.worker, "train", op.steps,
+                                                       op.progress, op.progress_end))
                 return
             if isinstance(op, Gradients):
-                self._compute(proc, 1, proc.worker.gradients)
+                self._compute(proc, self.engine.submit(proc.worker, "gradients"))
+                return
+            if isinstance(op, Apply):  # part of the step Gradients already timed
+                job = self.engine.submit(proc.worker, "apply", grads=op.grads, progress=op.progress)
+                self._schedule(self.time, proc, _Finished(job))
                 return
             if isinstance(op, ServerStep):
                 end = self.time + self.cluster.cfg.server_compute_s
@@ -204,20 +219,16 @@ class SimRuntime:
                 return
             raise TypeError(f"{proc.name} yielded {op!r}, which is not a runtime primitive")
 
-    def _compute(self, proc: _Proc, steps: int, work) -> None:
+    def _compute(self, proc: _Proc, job) -> None:
+        """The job runs whenever the engine gets to it; the worker resumes at the modelled
+        end of its steps."""
         w = proc.worker.index
-        started = time.perf_counter()
-        result = work()
-        self.wall_per_step.append((time.perf_counter() - started) / steps)
-        seconds = steps * self.step_times[w]
+        seconds = job.steps * self.step_times[w]
         if self.cluster.cfg.jitter > 0:
             seconds *= max(0.1, 1.0 + self.cluster.cfg.jitter * self._jitter[w].gauss(0.0, 1.0))
         end = self.cluster.compute_end(w, self.time, seconds)
         proc.span("compute", self.time, end)
-        tokens = steps * proc.worker.tokens_per_step
-        loss = result[1] if isinstance(result, tuple) else result
-        self._seq += 1
-        heapq.heappush(self._heap, (end, proc.idx, self._seq, proc, _Finished(result, steps, tokens, loss)))
+        self._schedule(end, proc, _Finished(job))
 
     # -- collectives ----------------------------------------------------------------
     def _join_collective(self, proc: _Proc, tensors, codec: Codec) -> Handle:
@@ -345,7 +356,7 @@ class SimRuntime:
             "sim_time_s": max(p.finished_at for p in self.procs),
             "bytes_sent": self.network.bytes_sent,
             "bytes_inter_region": self.network.bytes_inter_region,
-            "peak_payload_bytes": self.peak_payload, "wall_per_step": self.wall_per_step,
+            "peak_payload_bytes": self.peak_payload,
             "bytes_by_host": dict(self.network.bytes_by_host),
             "peak_link_gbps_by_link": {f"{self.cluster.regions[r]}->{self.cluster.regions[q]}": bps / 1e9
                                for (r, q), bps in sorted(self.network.peak_link_bps.items())},
@@ -363,8 +374,5 @@ class _Timeout:
 
 @dataclass
 class _Finished:
-    """A compute span ended: hand the result back and count what was done."""
-    result: object
-    steps: int
-    tokens: int
-    loss: torch.Tensor
+    """A compute span ended: hand the job's result back and count what was done."""
+    job: object

@@ -53,9 +53,9 @@ from ..outputs import prepare_out_dir, summarize, write_outputs
 from ..setup import build
 from ..workloads import build_workload
 from . import collectives
-from .api import Context, Gradients, Handle, Message, Recv, ServerStep, Train, Wait
+from .api import Apply, Context, Gradients, Handle, Message, Recv, ServerStep, Train, Wait
 from .transport import Transport
-from .worker import WorkerState
+from .engine import Engine
 
 
 def _all_gather(out: torch.Tensor, payload: torch.Tensor, group):
@@ -72,7 +72,7 @@ class _Context(Context):
         self._rt = rt
         self.name = rt.spec.name
         self.worker = rt.spec.worker
-        self.params = rt.state.params if rt.state else {}
+        self.params = rt.row.params if rt.row else {}
 
     def now(self):
         return time.perf_counter() - self._rt.t0
@@ -80,18 +80,8 @@ class _Context(Context):
     def initial_params(self):
         return [t.detach().clone() for t in self._rt.initial]
 
-    def apply(self, grads, progress=None):
-        # The optimizer step is part of the step the simulator models: count it as compute.
-        rt = self._rt
-        started = time.perf_counter()
-        rt.state.apply(grads, progress)
-        seconds = time.perf_counter() - started
-        if rt.wall_per_step:
-            rt.wall_per_step[-1] += seconds
-        rt.spans.append(("compute", started - rt.t0, started - rt.t0 + seconds))
-
     def reset_optimizer(self):
-        self._rt.state.reset_optimizer()
+        self._rt.engine.reset_optimizer(self._rt.row)
 
     def start_all_reduce(self, tensors, codec):
         return self._rt.start_all_reduce(tensors, codec)
@@ -147,24 +137,31 @@ class DistRuntime:
         workers = list(range(self.job.M))
         self.workers_group = dist.new_group(workers, timeout=timeout) if world > self.job.M else None
         self.store = dist.distributed_c10d._get_default_store()
-        self.transport = Transport(rank, self.store, _my_address(cfg.runtime.host),
-                                   cfg.runtime.timeout_s)
+        self.transport = Transport(  # payloads: at most 5 bytes a value (int8, 1 value a block)
+            rank, self.store, _my_address(cfg.runtime.host), cfg.runtime.timeout_s,
+            secret=cfg.runtime.secret, world=world,
+            max_payload=5 * sum(int(np.prod(s)) for s in self.job.param_shapes) + 1024)
 
         torch.manual_seed(cfg.train.seed)
         self.workload = build_workload(cfg, self.setup.corpus, self.device)
         self.setup.workload = self.workload  # evaluation and sampling on this process's device
         params0 = self.workload.init_params(cfg.train.seed)
         self.initial = [params0[n] for n in self.job.param_names]
-        self.state = None
+        # One worker per process: an engine of one row, whose jobs run as soon as submitted.
+        self.engine, self.row = Engine("sequential"), None
         if self.spec.worker is not None:
             if cfg.train.compile and self.device.type == "cuda":
                 self.workload.compile()
+                self.engine.compile()
             w = self.spec.worker
             tokens = self.setup.corpus.train.to(self.device)
             shard = make_shards(tokens, self.job.M, cfg.data.shards, self.workload.window,
                                 cfg.train.seed)[w]
-            self.state = WorkerState(w, self.workload, params0, shard,
-                                     self.job.workers[w].batch_size, cfg.train, self.job.planned_steps)
+            self.row = self.engine.add_worker(w, self.workload, params0, shard,
+                                              self.job.workers[w].batch_size, cfg.train,
+                                              self.job.planned_steps)
+            self.engine.start()
+            self.engine.on_step = self.advance_collectives
         self.recorder: Recorder | None = None
         self.mailbox: deque[Message] = deque()
         self.staleness: list[int] = []
@@ -194,20 +191,26 @@ class DistRuntime:
 
     def _execute(self, op):
         started = time.perf_counter() - self.t0
-        if isinstance(op, (Train, Gradients)):
-            steps = op.steps if isinstance(op, Train) else 1
+        if isinstance(op, (Train, Gradients, Apply)):
             tick = time.perf_counter()
             self.advance_collectives()
             if isinstance(op, Train):
-                result = self.state.train(op.steps, op.progress, op.progress_end,
-                                          between_steps=self.advance_collectives)
+                job = self.engine.submit(self.row, "train", op.steps, op.progress, op.progress_end)
+            elif isinstance(op, Gradients):
+                job = self.engine.submit(self.row, "gradients")
             else:
-                result = self.state.gradients()[0]
-            self.wall_per_step.append((time.perf_counter() - tick) / steps)
-            self.inner_steps += steps
-            self.tokens += steps * self.state.tokens_per_step
+                job = self.engine.submit(self.row, "apply", grads=op.grads, progress=op.progress)
+            result = self.engine.complete(job)
+            seconds = time.perf_counter() - tick
             self._span("compute", started)
-            return result
+            if isinstance(op, Apply):  # the optimizer step belongs to the step it completes
+                if self.wall_per_step:
+                    self.wall_per_step[-1] += seconds
+                return None
+            self.wall_per_step.append(seconds / job.steps)
+            self.inner_steps += job.steps
+            self.tokens += job.steps * self.row.tokens_per_step
+            return result[0] if isinstance(op, Gradients) else result
         if isinstance(op, Wait):
             result = self._wait(op.handle)
             self._span("blocked", started)
@@ -333,18 +336,50 @@ class DistRuntime:
         name = self.procs[frame.src].name
         now = time.perf_counter() - self.t0
         if frame.failed:
-            self.log(f"[t={now:.2f}s {self.spec.name}] process {name} died (its connection "
-                     "closed without a goodbye)")
+            reason = frame.header.get("reason", "its connection closed without a goodbye")
+            self.log(f"[t={now:.2f}s {self.spec.name}] process {name} died ({reason})")
             return Message(name, [], {"failed": True}, now)
-        h = frame.header
-        tensors = []
-        if h["shapes"]:
-            codec = make_codec(h["codec"], h["block"])
-            buf = torch.from_numpy(np.frombuffer(frame.payload, dtype=np.uint8).copy())
-            flat = codec.decode(buf, h["numel"]).to(self.device)
-            like = [torch.empty(s) for s in h["shapes"]]
-            tensors = unflatten(flat, like)
-        return Message(name, tensors, h["meta"], h["sent_at"])
+        # The transport vouches that a secret holder sent this frame, not that it is sound: a
+        # buggy or mismatched peer must not crash this process or make it decode something
+        # that is not a piece of the model. Every field is checked before it is used.
+        from collections import Counter
+
+        h, problem, tensors = frame.header, None, []
+        try:
+            model = Counter(tuple(s) for s in self.job.param_shapes)
+            shapes = [tuple(s) for s in h["shapes"]] if isinstance(h["shapes"], list) else None
+            meta, sent_at, numel, block = h["meta"], h["sent_at"], h["numel"], h["block"]
+            if shapes is None or Counter(shapes) - model:
+                problem = "shapes that are not distinct parameters of the model"
+            elif type(numel) is not int or numel != sum(int(np.prod(s)) for s in shapes):
+                problem = f"numel {numel!r} that does not match its shapes"
+            elif type(block) is not int or block < 1 or not isinstance(h["codec"], str):
+                problem = "no valid codec and block"
+            elif not isinstance(meta, dict) or "failed" in meta or not all(
+                    isinstance(k, str) and isinstance(v, (int, float, str))
+                    for k, v in meta.items()):  # (failure notices come from the transport)
+                problem = "meta that is not a flat mapping of names to numbers, booleans or text"
+            elif isinstance(sent_at, bool) or not isinstance(sent_at, (int, float)):
+                problem = "no send time"
+            else:
+                codec = make_codec(h["codec"], block)  # UserError for an unknown name
+                if len(frame.payload) != codec.nbytes(numel):
+                    problem = (f"{len(frame.payload)} payload bytes where {h['codec']} needs "
+                               f"{codec.nbytes(numel)}")
+                elif shapes:
+                    buf = torch.from_numpy(np.frombuffer(frame.payload, dtype=np.uint8).copy())
+                    flat = codec.decode(buf, numel).to(self.device)
+                    tensors = unflatten(flat, [torch.empty(s) for s in shapes])
+        except (KeyError, TypeError, ValueError, UserError) as e:
+            problem = f"a malformed header ({type(e).__name__}: {e})"
+        if problem is None:
+            return Message(name, tensors, meta, sent_at)
+        # Nothing here can skip the frame, so the peer is treated as dead: its connection is
+        # closed and nothing more from it is delivered (the algorithms handle dead peers).
+        self.transport.reject(frame.src, f"invalid message: {problem}")
+        self.log(f"[t={now:.2f}s {self.spec.name}] process {name} sent an invalid message "
+                 f"({problem}); dropping it and treating {name} as dead")
+        return Message(name, [], {"failed": True}, now)
 
     # -- records --------------------------------------------------------------------------
     def publish(self, params, tokens, updates) -> None:
@@ -363,7 +398,7 @@ class DistRuntime:
         self.recorder.publish(params, tokens, updates, self._snapshot)
 
     def _snapshot(self) -> dict:
-        out = {"step": self.inner_steps if self.state else len(self.staleness)}
+        out = {"step": self.inner_steps if self.row else len(self.staleness)}
         if self.setup.algorithm.synchronous:  # symmetric collectives: every worker alike
             out |= {"inner_steps": self.inner_steps * self.job.M,
                     "bytes_sent": (self.collective_bytes + self.transport.bytes_sent) * self.job.M}
@@ -445,6 +480,10 @@ def _my_address(host: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .launch import die_with_launcher
+    from .transport import SECRET_ENV, resolve_secret
+
+    die_with_launcher()  # first thing: a rank of `loco launch` must not outlive it
     ap = argparse.ArgumentParser(prog="python -m locotrain.runtime.torchdist")
     ap.add_argument("config", nargs="?", default="quickstart")
     ap.add_argument("--set", action="append", default=[])
@@ -456,23 +495,57 @@ def main(argv: list[str] | None = None) -> int:
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if "LOCOTRAIN_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["LOCOTRAIN_THREADS"]))
-    rt = None
+
+    def lost_contact(e: BaseException) -> bool:
+        """An error of torch.distributed or of a connection: the other processes are gone or
+        unreachable. (A bug of ours keeps its traceback.)"""
+        if isinstance(e, (dist.DistError, ConnectionError, TimeoutError)):
+            return True
+        tb = e.__traceback__  # e.g. gloo's plain RuntimeError, raised inside torch.distributed
+        while isinstance(e, RuntimeError) and tb is not None:
+            if f"torch{os.sep}distributed{os.sep}" in tb.tb_frame.f_code.co_filename:
+                return True
+            tb = tb.tb_next
+        return False
+
+    rt, code, finished = None, 0, False
     try:
         _, cfg = load_config(args.config, args.set)
+        # Fail before the rendezvous without a usable secret; from here on the rank reads it
+        # from its environment, so that it never reaches the run folder's config.toml.
+        os.environ[SECRET_ENV] = resolve_secret(cfg.runtime.secret)
+        cfg.runtime.secret = ""
         rt = DistRuntime(cfg, rank, world, local_rank, Path(args.out) if args.out else None,
                          args.force, args.prepared)
         rt.run()
         rt.finish()
+        finished = True
     except UserError as e:
         print(f"loco: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except PeerFailure as e:
         print(f"loco: {e}", file=sys.stderr)
-        return 1
+        code = 1
+    except KeyboardInterrupt:
+        print(f"loco: rank {rank}: interrupted", file=sys.stderr)
+        code = 130
+    except Exception as e:
+        if not lost_contact(e):
+            raise
+        # One line: torch's messages can carry a C++ stack after the first.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        print(f"loco: rank {rank}: lost contact with the other processes ({first})", file=sys.stderr)
+        code = 1
     finally:
         if rt is not None:
-            rt.close()
-    return 0
+            try:
+                if not finished:  # no goodbye: peers waiting on this rank must see it die
+                    rt.transport.close(goodbye=False)
+                rt.close()
+            except Exception as e:
+                if not lost_contact(e):
+                    raise
+    return code
 
 
 if __name__ == "__main__":

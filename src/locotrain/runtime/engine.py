@@ -1,0 +1,297 @@
+"""The inner steps of every worker: stacked state, deferred and batched computation.
+
+Each worker is a row of a bank: for every parameter one tensor with a leading worker
+dimension holds all workers' copies, and so do the inner optimizer's moments. A worker's
+`params` are views of its row. Inner steps are jobs: a runtime submits one when a worker
+asks for steps and collects its result when the worker resumes. Until then the job is
+pending, and the batched engine runs every compatible pending job together: all workers
+that train at the same time in one stacked forward, backward and optimizer step
+(models/backbone.py's batched matmuls, optim.adamw_stacked). Workers with different step
+counts run together for as long as they all have steps left; the ones that finish drop out.
+
+Why deferring and batching change nothing: a worker's steps read only its own state
+(parameters, optimizer moments, data stream, random stream, step count), and while its job
+is pending nothing but the worker's own process may touch that state, and that process is
+suspended waiting for the job (runtime/api.py states this contract). So running the steps
+early, late, alone or alongside others computes the same numbers, up to the float rounding
+of batched kernels. The sequential engine runs every job alone, on the same code: it is the
+reference the batched engine is tested against (tests/test_engine.py).
+
+Randomness per worker: a data stream (which windows) and a noise stream (the diffusion
+model's masks), each its own seeded generator, consumed in step order. Dropout draws from
+torch's global generator, so with dropout > 0 the two engines draw different (equally
+distributed) masks; everything else is identical.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import TrainConfig
+from ..data import Shard, windows_at
+from ..optim import adamw_stacked, clip_stacked, lion_stacked, lr_at
+
+ENGINES = ("batched", "sequential")
+
+
+@dataclass(eq=False)
+class Row:
+    """One worker's place in the engine and its private training state."""
+    index: int  # the worker's index in its job (w0, w1, ...)
+    bank: "Bank"
+    slot: int  # its row in the bank's stacked tensors
+    workload: object
+    shard: Shard
+    batch_size: int
+    cfg: TrainConfig
+    planned_steps: int
+    data_stream: torch.Generator
+    noise_stream: torch.Generator
+    steps: int = 0  # inner steps taken: the schedule position of synchronous methods
+    optimizer_steps: int = 0  # since the last reset: AdamW's bias correction
+    params: dict[str, torch.Tensor] = field(default_factory=dict)  # views of the row
+    job: "Job | None" = None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.workload.spec.seq_len
+
+
+@dataclass(eq=False)
+class Job:
+    """Inner steps (`train`), one gradient (`gradients`) or one optimizer step with given
+    gradients (`apply`) of one worker."""
+    row: Row
+    kind: str
+    steps: int
+    progress: float | None = None
+    progress_end: float | None = None
+    grads: list[torch.Tensor] | None = None
+    done: int = 0
+    loss: torch.Tensor | None = None
+    result: object = None
+    finished: bool = False
+
+    def position(self, i: int) -> float:
+        """Learning-rate position of step i of this job's current chunk (see api.Train):
+        with no progress given, the worker's own step count."""
+        if self.progress is None:
+            return (self.row.steps + i) / self.row.planned_steps
+        if self.progress_end is None:
+            return self.progress
+        return self.progress + (self.progress_end - self.progress) * (self.done + i) / self.steps
+
+
+class Bank:
+    """Stacked parameters and inner-optimizer moments of the workers of one model shape."""
+
+    def __init__(self, names: list[str], device: torch.device):
+        self.names, self.device = names, device
+        self.rows: list[Row] = []
+        self.params: dict[str, torch.Tensor] = {}
+        self.moments: dict[str, list[torch.Tensor]] = {}
+
+    def allocate(self, first: list[dict[str, torch.Tensor]]) -> None:
+        """Stack every row's initial parameters; zero moments."""
+        for n in self.names:
+            self.params[n] = torch.stack([p[n].detach().to(self.device) for p in first]).contiguous()
+        self.moments = {"exp_avg": [torch.zeros_like(self.params[n]) for n in self.names]}
+        if any(r.cfg.optimizer == "adamw" for r in self.rows):
+            self.moments["exp_avg_sq"] = [torch.zeros_like(self.params[n]) for n in self.names]
+        for r in self.rows:
+            r.params = {n: self.params[n][r.slot] for n in self.names}
+
+    def take(self, slots: list[int]):
+        """The working set of these rows: the stacked tensors themselves when the rows are
+        the whole bank in order (no copy), else gathered copies to put back afterwards."""
+        if slots == list(range(len(self.rows))):
+            return [self.params[n] for n in self.names], self.moments, None
+        index = torch.tensor(slots, device=self.device)
+        params = [self.params[n].index_select(0, index) for n in self.names]
+        moments = {k: [t.index_select(0, index) for t in ts] for k, ts in self.moments.items()}
+        return params, moments, index
+
+    def put(self, index, params, moments) -> None:
+        if index is None:
+            return
+        for n, p in zip(self.names, params):
+            self.params[n].index_copy_(0, index, p)
+        for k, ts in moments.items():
+            for t, part in zip(self.moments[k], ts):
+                t.index_copy_(0, index, part)
+
+
+class Engine:
+    def __init__(self, mode: str = "batched"):
+        if mode not in ENGINES:
+            raise ValueError(f"unknown engine {mode!r}; use one of {ENGINES}")
+        self.mode = mode
+        self.rows: list[Row] = []
+        self._banks: dict[tuple, Bank] = {}
+        self._first: dict[int, list] = {}  # bank id -> initial params of its rows
+        self.pending: list[Job] = []
+        self.chunks: list[tuple[int, int, float]] = []  # (workers, steps, host seconds)
+        self.on_step = None  # called after every inner step (the real runtime's progress hook)
+        self._clip, self._adamw, self._lion = clip_stacked, adamw_stacked, lion_stacked
+
+    def compile(self) -> None:
+        """Fuse the optimizer's element-wise work (dozens of kernels per tensor otherwise)."""
+        self._clip, self._adamw, self._lion = (torch.compile(f) for f in
+                                               (clip_stacked, adamw_stacked, lion_stacked))
+
+    # -- workers --------------------------------------------------------------------------
+    def add_worker(self, index: int, workload, params0: dict[str, torch.Tensor], shard: Shard,
+                   batch_size: int, train: TrainConfig, planned_steps: int) -> Row:
+        """Register a worker (before `start`). Seeds follow the worker's index in its job."""
+        names = list(params0)
+        key = (workload.spec, str(workload.device), tuple(names))
+        bank = self._banks.setdefault(key, Bank(names, workload.device))
+        seed = train.seed * 1_000_003 + 7919 * index
+        row = Row(index, bank, len(bank.rows), workload, shard, batch_size, train, planned_steps,
+                  torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2))
+        bank.rows.append(row)
+        self._first.setdefault(id(bank), []).append(params0)
+        self.rows.append(row)
+        return row
+
+    def start(self) -> None:
+        """Allocate the stacked state; every row's `params` become views of it."""
+        for bank in self._banks.values():
+            if not bank.params:
+                bank.allocate(self._first[id(bank)])
+        self._first.clear()
+
+    def reset_optimizer(self, row: Row) -> None:
+        for ts in row.bank.moments.values():
+            for t in ts:
+                t[row.slot].zero_()
+        row.optimizer_steps = 0
+
+    # -- jobs -------------------------------------------------------------------------------
+    def submit(self, row: Row, kind: str, steps: int = 1, progress=None, progress_end=None,
+               grads=None) -> Job:
+        if row.job is not None:
+            raise RuntimeError(f"worker {row.index} submitted a job while one is pending")
+        job = Job(row, kind, steps, progress, progress_end, grads)
+        row.job = job
+        self.pending.append(job)
+        return job
+
+    def train(self, row: Row, steps: int, progress=None, progress_end=None) -> torch.Tensor:
+        """Run `steps` inner steps of one worker now (tests, hand replays)."""
+        return self.complete(self.submit(row, "train", steps, progress, progress_end))
+
+    def complete(self, job: Job):
+        """Run pending jobs until `job` is done; return its result."""
+        while not job.finished:
+            self._run(self._group(job))
+        return job.result
+
+    def run_all(self) -> None:
+        while self.pending:
+            self._run(self._group(self.pending[0]))
+
+    def _group(self, job: Job) -> list[Job]:
+        """The pending jobs that can run together with `job`: same kind, same model, same
+        batch size and inner-optimizer constants (the learning rate and decay may differ)."""
+        if self.mode == "sequential":
+            return [job]
+        key = _group_key(job)
+        group = [j for j in self.pending if _group_key(j) == key]
+        return sorted(group, key=lambda j: j.row.slot)
+
+    def _run(self, group: list[Job]) -> None:
+        started = time.perf_counter()
+        rows = [j.row for j in group]
+        bank = rows[0].bank
+        steps = min(j.steps - j.done for j in group) if group[0].kind == "train" else 1
+        params, moments, index = bank.take([r.slot for r in rows])
+        losses = self._steps(group, rows, params, moments, steps)
+        bank.put(index, params, moments)
+        for w, j in enumerate(group):
+            if losses is not None:
+                j.loss = losses[w] if j.loss is None else j.loss + losses[w]
+            j.done += steps
+            if j.done == j.steps:
+                j.finished = True
+                j.row.job = None
+                self.pending.remove(j)
+                if j.kind == "train":
+                    j.result = j.loss
+        self.chunks.append((len(group), steps, time.perf_counter() - started))
+
+    def _steps(self, group, rows, params, moments, steps):
+        kind = group[0].kind
+        workload = rows[0].workload
+        if kind == "apply":
+            grads = [torch.stack([j.grads[i] for j in group]) for i in range(len(params))]
+            self._optimize(rows, params, grads, moments, self._learning_rates(group, rows, 1)[0])
+            return None
+        batches = self._batches(rows, steps)
+        total = torch.zeros(len(rows), device=params[0].device)
+        lrs = self._learning_rates(group, rows, steps)
+        for i in range(steps):
+            leaves = [p.detach().requires_grad_(True) for p in params]
+            named = dict(zip(rows[0].bank.names, leaves))
+            loss = workload.loss(named, batches[i], [r.noise_stream for r in rows])
+            loss.sum().backward()  # each worker's loss depends on its own row only
+            grads = [p.grad for p in leaves]
+            total += loss.detach()
+            if kind == "gradients":
+                for w, j in enumerate(group):
+                    j.result = ([g[w] for g in grads], loss.detach()[w])
+                return total
+            self._optimize(rows, params, grads, moments, lrs[i])
+            if self.on_step is not None:
+                self.on_step()
+        return total
+
+    def _batches(self, rows: list[Row], steps: int) -> torch.Tensor:
+        """(steps, W, B, window) token windows: each worker's own stream, in step order."""
+        window = rows[0].workload.window
+        starts = torch.stack([torch.stack([r.shard.starts(r.batch_size, window, r.data_stream)
+                                           for r in rows]) for _ in range(steps)])
+        tokens = rows[0].shard.tokens
+        if all(r.shard.tokens is tokens for r in rows):
+            return windows_at(tokens, starts, window)
+        return torch.stack([windows_at(r.shard.tokens, starts[:, w], window)
+                            for w, r in enumerate(rows)], dim=1)
+
+    def _learning_rates(self, group, rows, steps) -> torch.Tensor:
+        """(steps, W): each worker's learning rate at each step of this chunk, at the
+        position its job gives it (one transfer to the device per chunk)."""
+        table = [[lr_at(j.position(i), r.cfg.lr, r.cfg.warmup, r.cfg.min_lr_ratio, step=1 / r.planned_steps)
+                  for j, r in zip(group, rows)] for i in range(steps)]
+        return torch.tensor(table).to(rows[0].bank.device, non_blocking=True)
+
+    def _optimize(self, rows, params, grads, moments, lr) -> None:
+        """Clip each worker's gradient, then one inner-optimizer step at each worker's own
+        learning rate `lr` (W,)."""
+        cfg = rows[0].cfg
+        device = params[0].device
+        if cfg.grad_clip > 0:
+            self._clip(grads, cfg.grad_clip)
+        decay = torch.tensor([r.cfg.weight_decay for r in rows]).to(device, non_blocking=True)
+        decays = [p.dim() >= 3 for p in params]  # matrices of each worker
+        for r in rows:
+            r.steps += 1
+            r.optimizer_steps += 1
+        if cfg.optimizer == "lion":
+            self._lion(params, grads, moments["exp_avg"], decays, lr, (cfg.beta1, cfg.beta2),
+                       decay)
+        else:
+            counts = torch.tensor([float(r.optimizer_steps) for r in rows]).to(device, non_blocking=True)
+            self._adamw(params, grads, moments["exp_avg"], moments["exp_avg_sq"], decays,
+                        counts, lr, (cfg.beta1, cfg.beta2), decay)
+
+
+def _group_key(job: Job) -> tuple:
+    r = job.row
+    wl = r.workload
+    task = (type(wl), wl.cfg.workload.context_len, wl.cfg.workload.loopholing,
+            wl.cfg.workload.self_cond_rate)
+    inner = (r.cfg.optimizer, r.cfg.beta1, r.cfg.beta2, r.cfg.grad_clip)
+    return (job.kind, id(r.bank), task, inner, r.batch_size if job.kind != "apply" else 0)
