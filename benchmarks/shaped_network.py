@@ -78,7 +78,7 @@ class Namespaces:
                    "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
             procs.append(subprocess.Popen(
                 ["ip", "netns", "exec", self.ns[r], sys.executable, "-m",
-                 "locotrain.runtime.torchdist", str(config), "--out", str(out), "--force"],
+                 "locotrain.distributed", str(config), "--out", str(out), "--force"],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         return [_finish(p) for p in procs]
 

@@ -17,7 +17,9 @@ import torch.distributed as dist
 
 from conftest import TINY
 
-BASE = list(TINY) + ["cluster.preset=two-datacenters", "cluster.size=2", "runtime.timeout_s=20"]
+# gloo on the CPU on any machine: NCCL has deadlines of its own (docs/runtime.md, Failures)
+BASE = list(TINY) + ["cluster.preset=two-datacenters", "cluster.size=2", "runtime.timeout_s=20",
+                     "train.device=cpu"]
 FOREVER = ["train.tokens=100000000", "eval.every=100000000"]  # ends only when told to
 
 
@@ -192,7 +194,7 @@ def test_a_rank_that_loses_its_peers_says_so_in_one_line(tmp_path):
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True",
            "LOCOTRAIN_SECRET": "a-secret-for-tests-only-0123456789", "LOCOTRAIN_THREADS": "1"}
-    args = [sys.executable, "-m", "locotrain.runtime.torchdist", "quickstart", "--out",
+    args = [sys.executable, "-m", "locotrain.distributed", "quickstart", "--out",
             str(tmp_path / "run")]
     for o in BASE[:-1] + ["runtime.timeout_s=3"]:
         args += ["--set", o]
@@ -207,7 +209,7 @@ def test_a_rank_that_loses_its_peers_says_so_in_one_line(tmp_path):
 def test_no_rank_starts_without_a_secret_unless_loco_launch_can_make_one_up(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "LOCOTRAIN_SECRET"}
     env |= {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
-    proc = subprocess.run([sys.executable, "-m", "locotrain.runtime.torchdist", "quickstart"],
+    proc = subprocess.run([sys.executable, "-m", "locotrain.distributed", "quickstart"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "LOCOTRAIN_SECRET" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -230,3 +232,22 @@ def test_a_stopped_worker_is_declared_dead_and_the_run_ends(tmp_path, launches):
     assert summary["dead_processes"] == ["w1"]
     assert "process w1 (rank 1) was stopped (SIGSTOP)" in launch.text()
     assert not any(_alive(pid) for pid in ranks.values())
+
+
+def test_a_synchronous_run_that_lost_a_rank_is_stopped_if_the_others_hang(capsys):
+    from locotrain.runtime.launch import _wait
+
+    procs = [type("P", (), {"name": f"w{i}"}) for i in range(3)]
+    children = [subprocess.Popen(["sleep", "60"], start_new_session=True),  # hangs
+                subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]),  # fails
+                subprocess.Popen([sys.executable, "-c", "pass"])]  # finishes
+    try:
+        _wait(children, procs, give_up_s=1.0)
+    finally:
+        children[0].kill()
+    err = capsys.readouterr().err.splitlines()
+    assert "loco launch: process w1 (rank 1) exited with code 3" in err
+    assert ("loco launch: process w0 (rank 0) was still running 1 s after w1 failed, which a "
+            "synchronous run cannot finish without; stopped it") in err
+    assert len(err) == 2  # w2 ended well
+    assert children[0].returncode == -signal.SIGTERM

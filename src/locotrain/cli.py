@@ -1,20 +1,30 @@
 """`loco`: run, compare, sample, list.
 
-Errors a user can cause print one line and exit with code 2."""
+Errors a user can cause, file-system failures included, print one line and exit with code 2.
+Heavy modules (torch, matplotlib) are imported inside the commands that need them, so that
+`loco --help` and `loco list` answer at once."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-from . import report
 from .errors import UserError
-from .metrics import atomic_write
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+# workloads.py imports torch; `loco list` shows these instead (test_first_hour.py keeps them
+# equal to each workload's `summary`)
+WORKLOAD_SUMMARIES = {
+    "ar_gpt": "character-level GPT, causal; exact bits per character",
+    "masked_diffusion": "masked text diffusion on the same backbone; NELBO bound in bits per character",
+}
 
 
 def _default_out(name: str, what: str) -> Path:
@@ -47,7 +57,9 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
 
 
 def cmd_compare(args) -> None:
+    from . import report
     from .config import load_config
+    from .metrics import atomic_write
     from .run import build, prepare_out_dir, train
 
     name, cfg = load_config(args.config, args.set)
@@ -102,6 +114,7 @@ def cmd_sample(args) -> None:
     import torch
 
     from .checkpoint import load_checkpoint
+    from .config import validate
     from .data import CharTokenizer, Corpus
     from .setup import pick_device
     from .workloads import build_workload
@@ -111,8 +124,10 @@ def cmd_sample(args) -> None:
         value = getattr(args, key)
         if value is not None:
             setattr(cfg.sample, key, value)
-    if cfg.sample.chars < 1:
-        raise UserError("--chars must be at least 1")
+    try:  # the checks `--set sample.KEY=...` gets; the checkpoint's config passed them already
+        validate(cfg)
+    except UserError as e:  # so the error is about a flag: name it as typed
+        raise UserError(str(e).replace("sample.", "--")) from None
     tokenizer = CharTokenizer(vocab)
     empty = torch.zeros(0, dtype=torch.long)
     corpus = Corpus(meta.get("corpus", "checkpoint"), tokenizer, empty, empty)
@@ -133,9 +148,13 @@ def cmd_launch(args) -> None:
     from .config import load_config
     from .runtime.launch import launch
 
+    from .setup import build
+
     name, cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else _default_out(name, f"{cfg.algorithm.name}-real")
-    code = launch(cfg, out, args.nproc, args.force)
+    setup = build(cfg)
+    code = launch(cfg, out, setup.algorithm.processes(), setup.job.M,
+                  setup.algorithm.synchronous, args.nproc, args.force)
     if code != 0:
         raise SystemExit(code)
     s = json.loads((out / "summary.json").read_text())
@@ -148,7 +167,6 @@ def cmd_launch(args) -> None:
 def cmd_list(args) -> None:
     from .algorithms import SUMMARIES
     from .config import describe_keys, preset_names, read_source
-    from .workloads import WORKLOADS
 
     if args.keys:
         print("\n".join(describe_keys()))
@@ -157,8 +175,8 @@ def cmd_list(args) -> None:
     for name in preset_names():
         print(f"  {name:<18} {read_source(name)[1].get('description', '')}")
     print("workloads:")
-    for name, cls in WORKLOADS.items():
-        print(f"  {name:<18} {cls.summary}")
+    for name, text in WORKLOAD_SUMMARIES.items():
+        print(f"  {name:<18} {text}")
     print("algorithms:")
     for name, text in SUMMARIES.items():
         print(f"  {name:<18} {text}")
@@ -212,15 +230,80 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_list)
 
     args = parser.parse_args(argv)
+    outputs = _outputs()
+    if outputs:  # forget folders of an earlier main() in this process
+        outputs.prepared.clear()
+    training = args.command in ("run", "compare", "sweep")
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if training else None
     try:
         args.func(args)
     except UserError as e:
         print(f"loco: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("loco: interrupted", file=sys.stderr)
-        return 130
+    except OSError as e:  # disk full, read-only, no permission, a file where a folder goes
+        print(f"loco: error: {_describe_os_error(e, args)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt as e:
+        print(f"loco: interrupted{_mark_interrupted(e.args[0] if e.args else 'SIGINT')}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _raise_interrupt(signum, frame):
+    """SIGTERM (`kill`, a scheduler's time limit) stops a run the way Ctrl-C does."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _outputs():
+    """outputs.py if this process imported it, else None: importing it loads torch, and a
+    process that never imported it prepared no run folder."""
+    return sys.modules.get(f"{__package__}.outputs")
+
+
+def _mark_interrupted(by: str) -> str:
+    """Mark every run folder this process started and did not finish; say where they are."""
+    outputs = _outputs()
+    folders = outputs.unfinished() if outputs else []
+    if not folders:
+        return ""
+    stop = (signal.SIGINT, signal.SIGTERM)
+    handlers = [signal.signal(s, signal.SIG_IGN) for s in stop]  # a second ^C: finish marking
+    try:
+        for folder in folders:
+            outputs.mark_interrupted(folder, by)
+    except OSError:
+        pass  # the message below still says the run is incomplete
+    finally:
+        for s, h in zip(stop, handlers):
+            signal.signal(s, h)
+    where = os.path.commonpath([str(f) for f in folders])
+    return f"; {where} holds an incomplete run"
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "the disk is full; free some space or choose another --out",
+    errno.EDQUOT: "the disk quota is used up; free some space or choose another --out",
+    errno.EROFS: "the file system is read-only; choose another --out",
+    errno.EACCES: "no permission; fix the permissions or choose another path",
+    errno.EPERM: "no permission; fix the permissions or choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EEXIST: "something is already there; remove it or choose another path",
+    errno.ENOENT: "it does not exist; check the path",
+}
+
+
+def _describe_os_error(e: OSError, args) -> str:
+    """'<path>': <problem>; <fix>. A write to an open file has no path: name --out then."""
+    path = e.filename2 or e.filename or getattr(args, "out", None) or "the output folder"
+    blocker = next((p for p in Path(path).parents if p.is_file()), None)
+    if e.errno == errno.ENOTDIR and blocker:  # name the file that is in the way
+        return f"'{blocker}' is a file, so '{path}' cannot be made under it; choose another path"
+    fix = _OS_FIXES.get(e.errno, "check the path and the disk")
+    return f"'{path}': {e.strerror or e}; {fix}"
 
 
 if __name__ == "__main__":

@@ -156,7 +156,9 @@ class Cluster:
                 raise UserError(f"cluster.{key} must be a {R}x{R} matrix (one row and column "
                                 f"per region in cluster.regions)")
             if any(v < 0 or math.isnan(v) for row in mat for v in row):
-                raise UserError(f"cluster.{key} has a negative entry; latencies and "
+                # a preset's matrix is negative only through the override
+                name = f"cluster.{key}" if getattr(cfg, key) else "cluster.inter_gbps"
+                raise UserError(f"{name} has a negative entry; latencies and "
                                 "bandwidths must be >= 0 (bandwidth 0 means unlimited)")
         self.latency = [[float(v) for v in row] for row in c.latency_s]
         # bit/s; 0 in the config means an unlimited link

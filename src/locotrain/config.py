@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -233,6 +234,7 @@ def validate(cfg: Config) -> None:
         "model.depth": m.depth, "model.width": m.width, "model.heads": m.heads,
         "model.seq_len": m.seq_len, "train.tokens": t.tokens, "train.batch_size": t.batch_size,
         "eval.samples": cfg.eval.samples, "eval.batch_size": cfg.eval.batch_size,
+        "sample.chars": cfg.sample.chars, "sample.steps": cfg.sample.steps,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -263,8 +265,33 @@ def validate(cfg: Config) -> None:
     if w.name == "masked_diffusion" and 0 <= cfg.eval.score_from < w.context_len:
         raise UserError(f"eval.score_from ({cfg.eval.score_from}) must be >= workload.context_len "
                         f"({w.context_len}): the diffusion model never learned to fill its prefix")
-    if not 0 < cfg.sample.threshold <= 1 or cfg.sample.temperature < 0:
-        raise UserError("sample.threshold must be in (0, 1] and sample.temperature >= 0")
+    if not 0 < cfg.sample.threshold <= 1:
+        raise UserError(f"sample.threshold must be in (0, 1], got {cfg.sample.threshold}")
+    if not cfg.sample.temperature >= 0:
+        raise UserError(f"sample.temperature must be >= 0 (0 = greedy), got "
+                        f"{cfg.sample.temperature}")
+    _resolve_cluster_size(cfg.cluster)
+
+
+def _resolve_cluster_size(c: ClusterConfig) -> None:
+    """cluster.size = 0 means the preset's default; the resolved config records the real
+    number of workers instead, so config.toml says what ran. A size the preset ignores
+    (halos-4x4, custom, explicit cluster.workers) must match what runs, or it misleads."""
+    from .cluster import expand_preset  # cluster.py imports this module (and no torch)
+
+    if c.size < 0:
+        raise UserError(f"cluster.size must be >= 0 (0 = the preset's default), got {c.size}")
+    if not c.inter_gbps >= 0:
+        raise UserError(f"cluster.inter_gbps must be >= 0 (0 = the preset's own), got "
+                        f"{c.inter_gbps}")
+    workers = sum(w.count for w in expand_preset(c).workers)
+    if c.size == 0:
+        c.size = workers
+    elif c.size != workers:
+        raise UserError(f"cluster.size = {c.size}, but this cluster has {workers} workers "
+                        f"(cluster.preset = '{c.preset}'"
+                        f"{' with cluster.workers' if c.workers else ''}); drop cluster.size "
+                        "or make it match")
 
 
 # --------------------------------------------------------------------------- building
@@ -383,9 +410,30 @@ def _not_read(name: str, key: str, path: str) -> str:
 
 
 def _unknown_key(path: str) -> str:
-    near = difflib.get_close_matches(path, all_keys(), n=1, cutoff=0.6)
-    hint = f" (did you mean '{near[0]}'?)" if near else " (`loco list --keys` shows them all)"
-    return f"unknown config key '{path}'{hint}"
+    return f"unknown config key '{path}' ({_key_hint(path)})"
+
+
+def _key_hint(path: str) -> str:
+    """Suggest a key of the same table: as strings, 'train.foo' is nearest to 'train', but
+    whoever wrote it meant a key under train."""
+    *tables, leaf = re.sub(r"\[\d+\]", "", path).split(".")  # list items: their table's keys
+    tp = Config
+    for i, name in enumerate(tables):
+        hints = typing.get_type_hints(tp)
+        if name not in hints:  # a misspelt table: compare whole keys
+            near = difflib.get_close_matches(path, all_keys(), n=1, cutoff=0.6)
+            return f"did you mean '{near[0]}'?" if near else "`loco list --keys` shows them all"
+        tp = hints[name]
+        while typing.get_origin(tp) is list:
+            tp = typing.get_args(tp)[0]
+        if not dataclasses.is_dataclass(tp):
+            return f"'{'.'.join(tables[:i + 1])}' is a value, not a table"
+    names = [f.name for f in dataclasses.fields(tp)]
+    near = difflib.get_close_matches(leaf, names, n=1, cutoff=0.6)
+    table = path.rpartition(".")[0]
+    if near:
+        return f"did you mean '{table + '.' if table else ''}{near[0]}'?"
+    return f"{table or 'the top level'} has: {', '.join(names)}"
 
 
 def _parse_value(text: str) -> Any:

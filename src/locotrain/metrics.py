@@ -3,11 +3,14 @@ and atomic file writes."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, TextIO
 
 import torch
 from tqdm import tqdm
@@ -42,10 +45,16 @@ class Recorder:
     Evaluations are due every `every` training tokens (summed over workers), at the first
     publication at or past each multiple, so runs of different algorithms line up at equal
     tokens. The final evaluation always uses every validation window.
+
+    Progress goes to `stream` (stderr by default): on a terminal a bar for training and one
+    for the final evaluation (windows done / total); otherwise (a log piped to a file) one
+    plain line per evaluation, and during a long final evaluation a line every
+    `progress_every_s` seconds. `quiet` prints nothing.
     """
 
     def __init__(self, workload, param_names: list[str], total_tokens: int, every: int,
-                 windows: int, metrics_path: Path | None, label: str = "", quiet: bool = False):
+                 windows: int, metrics_path: Path | None, label: str = "", quiet: bool = False,
+                 *, stream: TextIO | None = None, progress_every_s: float = 10.0):
         self.workload = workload
         self.names = param_names
         self.total = total_tokens
@@ -60,8 +69,13 @@ class Recorder:
         self.loss_sum = None
         self.loss_steps = 0
         self.quiet = quiet
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = _isatty(self.stream)
+        self.progress_every_s = progress_every_s
         self.bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=label or None,
-                        disable=quiet, dynamic_ncols=True, leave=True)
+                        disable=quiet or not self.tty, dynamic_ncols=True, leave=True,
+                        file=self.stream)
 
     # -- hooks the runtimes call ------------------------------------------------------
     def on_train(self, tokens: int, steps: int, loss: torch.Tensor) -> None:
@@ -78,16 +92,26 @@ class Recorder:
     def log(self, text: str) -> None:
         self.logs.append(text)
         self._write({"event": "log", "time_s": self.elapsed(), "text": text})
-        if not self.quiet:
+        if self.quiet:
+            return
+        if self.tty:
             self.bar.write(text)
+        else:
+            print(text, flush=True)
 
     # -- evaluation -------------------------------------------------------------------
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
+    def _say(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
     def _evaluate(self, params, tokens, updates, stats: dict, final: bool) -> dict:
         named = dict(zip(self.names, params))
-        result = self.workload.evaluate(named, limit=0 if final else self.windows)
+        if final and not self.quiet:
+            result = self._final_evaluation(named)
+        else:
+            result = self.workload.evaluate(named, limit=0 if final else self.windows)
         line = {"event": "eval", "step": stats.pop("step", updates), "tokens": int(tokens),
                 "time_s": round(self.elapsed(), 3), "val_loss": result.val_loss,
                 "val_bpc": result.val_bpc}
@@ -105,7 +129,48 @@ class Recorder:
         self._write(line)
         shown = ("<= " if result.is_bound else "") + f"{result.val_bpc:.3f}"
         self.bar.set_postfix_str(f"val {shown} bpc", refresh=False)
+        if not self.quiet and not self.tty:
+            self._say(self._eval_line(line, result.is_bound))
         return line
+
+    def _eval_line(self, line: dict, bound: bool) -> str:
+        """One plain progress line: tokens, validation bpc (on how many windows), elapsed."""
+        bpc = f"{line['val_bpc']:.3f}"
+        if bound:
+            bpc = f"<= {bpc} +- {line.get('val_bpc_stderr', 0.0):.3f}"
+        prefix = f"{self.label}: " if self.label else ""
+        if line.get("final"):
+            where = f"final, {line['tokens']:,} tokens"
+            windows = f"all {line['windows']} windows"
+        else:
+            pct = 100 * line["tokens"] / max(1, self.total)
+            where = f"{line['tokens']:,}/{self.total:,} tokens ({pct:.0f}%)"
+            windows = f"{line['windows']} windows"
+        return f"{prefix}{where}, val {bpc} bpc on {windows}, {self.elapsed():.1f} s elapsed"
+
+    def _final_evaluation(self, named: dict):
+        """The final evaluation (every window; minutes for the diffusion model) with its own
+        progress: a bar on a terminal, else a line every `progress_every_s` seconds."""
+        desc = f"{self.label} final eval" if self.label else "final eval"
+        bar = tqdm(total=None, unit="win", desc=desc, disable=not self.tty, dynamic_ncols=True,
+                   leave=True, file=self.stream)
+        started = last = time.perf_counter()
+
+        def progress(done: int, total: int) -> None:
+            nonlocal last
+            if bar.total != total:
+                bar.total = total
+            bar.update(done - bar.n)
+            now = time.perf_counter()
+            if not self.tty and now - last >= self.progress_every_s and 0 < done < total:
+                last = now
+                self._say(f"{desc}: {done}/{total} windows ({100 * done / max(1, total):.0f}%), "
+                          f"{now - started:.0f} s")
+
+        try:
+            return evaluate_with_progress(self.workload, named, 0, progress)
+        finally:
+            bar.close()
 
     def finish(self) -> dict:
         """Evaluate the last published model on every validation window."""
@@ -119,3 +184,61 @@ class Recorder:
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(obj) + "\n")
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def evaluate_with_progress(workload, named: dict, limit: int,
+                           progress: Callable[[int, int], None]):
+    """`workload.evaluate(named, limit)`, calling `progress(windows_done, windows_total)` as
+    it goes.
+
+    A workload whose `evaluate` takes a `progress` argument reports itself. For the others
+    (the current workloads.py), the count comes from watching the calls they make: the
+    windows from `val_windows`, then the rows of every `_forward` input (a window is 1 row
+    for a causal model, `eval.samples` rows for the diffusion model; Loopholing's second
+    pass feeds the same input again and is not counted)."""
+    try:
+        takes = "progress" in inspect.signature(workload.evaluate).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if takes:
+        return workload.evaluate(named, limit=limit, progress=progress)
+    if not (hasattr(workload, "val_windows") and hasattr(workload, "_forward")):
+        return workload.evaluate(named, limit=limit)
+    samples = getattr(getattr(getattr(workload, "cfg", None), "eval", None), "samples", 1)
+    per_window = 1 if getattr(workload, "causal", True) else max(1, int(samples))
+    state = {"total": 0, "rows": 0, "last": None}
+    val_windows, forward = workload.val_windows, workload._forward
+
+    def watched_windows(*args, **kwargs):
+        windows = val_windows(*args, **kwargs)
+        state["total"] = len(windows)
+        progress(0, state["total"])
+        return windows
+
+    def watched_forward(params, tokens, *args, **kwargs):
+        out = forward(params, tokens, *args, **kwargs)
+        if tokens is not state["last"] and tokens.dim() >= 2:
+            state["last"] = tokens
+            state["rows"] += tokens.shape[1]  # (models, rows, T)
+            progress(min(state["total"], state["rows"] // per_window), state["total"])
+        return out
+
+    own = {k: vars(workload)[k] for k in ("val_windows", "_forward") if k in vars(workload)}
+    workload.val_windows, workload._forward = watched_windows, watched_forward
+    try:
+        result = workload.evaluate(named, limit=limit)
+    finally:
+        for key in ("val_windows", "_forward"):
+            if key in own:
+                setattr(workload, key, own[key])
+            else:
+                delattr(workload, key)
+    progress(result.windows, result.windows)
+    return result

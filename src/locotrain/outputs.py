@@ -17,7 +17,14 @@ from .errors import UserError
 from .metrics import atomic_write
 
 RUN_FILES = ["config.toml", "metrics.jsonl", "summary.json", "model.safetensors",
-             "checkpoint.json", "samples.txt", "timeline.json", "plots"]
+             "checkpoint.json", "samples.txt", "timeline.json", "plots", "status.json"]
+# summary.json is written last: a folder without it holds no finished run. status.json marks
+# a run stopped by a signal (which tokens it had reached); `loco resume` may read it one day.
+FINISHED, STATUS = "summary.json", "status.json"
+
+# The folders this process prepared, so that the CLI can mark those it did not finish when
+# it is interrupted.
+prepared: list[Path] = []
 
 
 def prepare_out_dir(out: Path, force: bool) -> None:
@@ -25,12 +32,49 @@ def prepare_out_dir(out: Path, force: bool) -> None:
         raise UserError(f"--out '{out}' is a file; give a folder")
     taken = [name for name in RUN_FILES if (out / name).exists()]
     if taken and not force:
-        raise UserError(f"output folder '{out}' already holds a run ({taken[0]}); "
+        raise UserError(f"output folder '{out}' {_holds(out, taken[0])}; "
                         "pass --force to replace it or choose another --out")
     for name in taken:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    prepared.append(out)
+
+
+def _holds(out: Path, first: str) -> str:
+    """What the run in `out` is: interrupted, unfinished for another reason, or finished."""
+    if (out / STATUS).exists():
+        try:
+            tokens = json.loads((out / STATUS).read_text())["last_eval_tokens"]
+            where = f" (last evaluation at {tokens:,} tokens)"
+        except (OSError, ValueError, KeyError, TypeError):
+            where = ""
+        return f"holds an interrupted (incomplete) run{where}"
+    if not (out / FINISHED).exists():
+        return (f"holds an incomplete run (no {FINISHED}: it failed, was killed or is "
+                "still running)")
+    return f"already holds a run ({first})"
+
+
+def unfinished() -> list[Path]:
+    """The folders this process prepared that hold no finished run."""
+    return [out for out in prepared if out.is_dir() and not (out / FINISHED).exists()]
+
+
+def mark_interrupted(out: Path, by: str) -> None:
+    """status.json: the run in `out` stopped (`by` a signal) before it finished, after the
+    tokens of its last evaluation."""
+    tokens = 0
+    if (out / "metrics.jsonl").exists():
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            try:
+                tokens = json.loads(line).get("tokens", tokens)
+            except ValueError:  # a line cut short by the interruption
+                pass
+    atomic_write(out / STATUS, json.dumps({
+        "state": "interrupted", "complete": False, "by": by, "last_eval_tokens": tokens,
+        "note": "stopped before the end; metrics.jsonl holds its evaluations up to here",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
 
 
 def summarize(cfg, setup, recorder, final: dict, stats: dict, elapsed: float) -> dict:

@@ -1,20 +1,34 @@
 """Plots and comparison tables, drawn from metrics lines (never from live objects), so
-they can be redrawn from any finished run folder."""
+they can be redrawn from any finished run folder.
+
+Each plot has a `*_figure` function that returns the matplotlib figure (what the tests
+inspect) and a `plot_*` function that draws it and writes the PNG."""
 
 from __future__ import annotations
 
 import io
 import math
+import textwrap
+import tomllib
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from .metrics import atomic_write  # noqa: E402
 
-COLORS = {"compute": "#2e8b57", "blocked": "#d1495b", "idle": "#c9c9c9"}
+COLORS = {"compute": "#2e8b57", "blocked": "#d1495b", "idle": "#c9c9c9", "comm": "#3b6fb6"}
+STATES = ("compute", "blocked", "idle")  # what a process does; "comm" overlaps them
+STATE_NAMES = {"compute": "compute", "blocked": "blocked (waiting on the network)",
+               "idle": "idle (waiting for other processes)",
+               "comm": "comm (own transfers on the wire, thin lane)"}
+BPC = "validation bits per character"
 
 
 def _save(fig, path: Path) -> None:
@@ -24,62 +38,302 @@ def _save(fig, path: Path) -> None:
     atomic_write(path, buf.getvalue())
 
 
+# --------------------------------------------------------------------------- loss curves
+
+
+def _points(evals: list[dict], x: str) -> list[tuple[float, float, float | None, bool, int]]:
+    """One point per value of `x`, in order: (x, bpc, stderr or None, full, windows).
+
+    Evaluations at the same x (the last one during training and the final one, which uses
+    every validation window) keep the one on the most windows, the later one on a tie.
+    `full`: the evaluation used as many windows as the run's most (the final evaluation's
+    count); the others used a subset (`eval.windows`)."""
+    rows = [e for e in evals if x in e and e.get("event", "eval") == "eval"]
+    if not rows:
+        return []
+    most = max(e.get("windows", 0) for e in rows)
+    chosen: dict = {}
+    for i, e in enumerate(rows):
+        rank = (e.get("windows", 0), bool(e.get("final")), i)
+        if e[x] not in chosen or rank > chosen[e[x]][0]:
+            chosen[e[x]] = (rank, e)
+    out = []
+    for value in sorted(chosen):
+        e = chosen[value][1]
+        windows = e.get("windows", 0)
+        out.append((value, e["val_bpc"], e.get("val_bpc_stderr"),
+                    bool(e.get("final")) or windows >= most, windows))
+    return out
+
+
 def _curve(evals: list[dict], x: str):
-    pts = [(e[x], e["val_bpc"]) for e in evals if x in e and not e.get("final")]
-    finals = [e for e in evals if e.get("final") and x in e]
-    if finals:
-        pts.append((finals[-1][x], finals[-1]["val_bpc"]))
+    pts = _points(evals, x)
     return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _is_bound(evals: list[dict]) -> bool:
+    return any("val_bpc_stderr" in e for e in evals)
+
+
+def _quantity(xlabel: str) -> str:
+    """'simulated time (s)' -> 'simulated time'."""
+    text = xlabel.strip()
+    if text.endswith(")") and "(" in text:
+        text = text[:text.rindex("(")].strip()
+    return text or "x"
+
+
+def _title(title: str, names: list[str], xlabel: str) -> str:
+    if len(names) > 1:
+        head = f"{title}: {' vs '.join(names)}" if title else " vs ".join(names)
+    else:
+        head = title or (names[0] if names else "")
+    head = "\n".join(textwrap.wrap(head, 70)) if head else ""
+    what = f"validation bpc against {_quantity(xlabel)}"
+    return f"{head}\n{what}" if head else what
+
+
+def _bytes_axis(ax, lo: float, hi: float) -> None:
+    decades = math.log10(max(hi, lo * 1.0001)) - math.log10(lo)
+    subs = (1.0, 2.0, 3.0, 5.0, 7.0) if decades < 1 else (1.0, 2.0, 5.0) if decades < 3 else (1.0,)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt_bytes(v)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def curves_figure(runs: dict[str, list[dict]], x: str, xlabel: str, title: str,
+                  logx: bool = False):
+    """Validation bpc of each run against `x`. Filled markers: evaluations on every
+    validation window; hollow: on a subset (`eval.windows`). Runs whose numbers are upper
+    bounds (masked diffusion) say so and carry +-1 standard-error bars. With `logx`, the
+    axis starts at the first positive x; evaluations at x = 0 are named in the axis label."""
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    bound = {label: _is_bound(evals) for label, evals in runs.items()}
+    mixed = any(bound.values()) and not all(bound.values())
+    subset_windows, full_windows, zero, drawn, positive = set(), set(), [], 0, []
+    for i, (label, evals) in enumerate(runs.items()):
+        pts = _points(evals, x)
+        if logx:
+            zero += [p for p in pts if p[0] <= 0]
+            pts = [p for p in pts if p[0] > 0]
+        if not pts:
+            continue
+        drawn += 1
+        color = f"C{i % 10}"
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        positive += xs
+        name = label + (" (\u2264 upper bound)" if mixed and bound[label] else "")
+        ax.plot(xs, ys, color=color, lw=1.6, label=name, zorder=2)
+        if bound[label]:
+            ax.errorbar(xs, ys, yerr=[p[2] or 0.0 for p in pts], fmt="none", ecolor=color,
+                        elinewidth=1.2, capsize=3, zorder=2)
+        full = [p for p in pts if p[3]]
+        sub = [p for p in pts if not p[3]]
+        full_windows |= {p[4] for p in full}
+        subset_windows |= {p[4] for p in sub}
+        ax.plot([p[0] for p in full], [p[1] for p in full], ls="none", marker="o", ms=5,
+                color=color, zorder=3)
+        ax.plot([p[0] for p in sub], [p[1] for p in sub], ls="none", marker="o", ms=5,
+                mfc="white", mec=color, mew=1.3, zorder=3)
+    label_x = xlabel
+    if logx and positive:
+        ax.set_xscale("log")
+        label_x = f"{xlabel}, log scale"
+        if "bytes" in x:
+            _bytes_axis(ax, min(positive), max(positive))
+    elif x == "tokens":
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    if zero:
+        values = sorted({round(p[1], 3) for p in zero})
+        at = f" ({values[0]:.3f} bpc)" if len(values) == 1 else ""
+        label_x += (f"\nnot shown: the evaluation{'s' if len(zero) > 1 else ''} at "
+                    f"{_quantity(xlabel)} = 0{at}")
+    ax.set_xlabel(label_x)
+    if bound and all(bound.values()):
+        ax.set_ylabel(f"\u2264 {BPC}\n(upper bound, bars \u00b11 standard error)")
+    elif mixed:
+        ax.set_ylabel(f"{BPC}\n(\u2264 upper bound where marked)")
+    else:
+        ax.set_ylabel(BPC)
+    ax.set_title(_title(title, list(runs), xlabel), fontsize=11)
+    ax.grid(alpha=0.3)
+    if not drawn:
+        ax.text(0.5, 0.5, f"no evaluation has {x}" + (" > 0" if logx else ""),
+                transform=ax.transAxes, ha="center", va="center", color="0.4")
+        return fig
+    handles, labels = ax.get_legend_handles_labels()
+    if subset_windows:
+        key = "0.35"
+        handles += [Line2D([], [], ls="none", marker="o", ms=5, color=key),
+                    Line2D([], [], ls="none", marker="o", ms=5, mfc="white", mec=key, mew=1.3)]
+        labels += [f"all {'/'.join(map(str, sorted(full_windows)))} validation windows",
+                   f"subset: {'/'.join(map(str, sorted(subset_windows)))} windows (eval.windows)"]
+    ax.legend(handles, labels, loc="best", fontsize=8)
+    return fig
 
 
 def plot_curves(path: Path, runs: dict[str, list[dict]], x: str, xlabel: str, title: str,
                 logx: bool = False) -> None:
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, evals in runs.items():
-        xs, ys = _curve(evals, x)
-        if xs:
-            ax.plot(xs, ys, marker="o", ms=3, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation bits per character")
-    ax.set_title(title)
-    if logx:
-        ax.set_xscale("symlog")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    _save(fig, path)
+    """`title` names the context (the preset for `loco compare`, the run's label for one
+    run); the figure's title adds which runs are compared and against what."""
+    _save(curves_figure(runs, x, xlabel, title, logx), path)
 
 
-def plot_timeline(path: Path, spans: list[dict], title: str, max_processes: int = 24) -> None:
-    """Gantt chart of compute / blocked / idle spans per process."""
-    names = list(dict.fromkeys(s["process"] for s in spans))[:max_processes]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.4))
+# --------------------------------------------------------------------------- timeline
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for s, e in sorted(intervals):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def _length(intervals) -> float:
+    return sum(e - s for s, e in intervals)
+
+
+def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Total length of the intersection of two sorted, disjoint interval lists."""
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        total += max(0.0, hi - lo)
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def _pct(f: float) -> str:
+    if 0 < f < 0.005:
+        return "<1%"
+    if 0.995 <= f < 1:
+        return ">99%"
+    return f"{f:.0%}"
+
+
+def time_shares(spans: list[dict]) -> dict[str, dict[str, float]]:
+    """Per process: the fraction of the timeline's extent (first start to last end, over all
+    processes) spent in compute, blocked and idle; with "comm" spans, the fraction with a
+    transfer on the wire and `comm_hidden`, the part of that overlapped by compute."""
+    if not spans:
+        return {}
+    t0 = min(s["start"] for s in spans)
+    extent = max(max(s["end"] for s in spans) - t0, 1e-12)
+    out: dict[str, dict[str, float]] = {}
+    for name in dict.fromkeys(s["process"] for s in spans):
+        mine = [s for s in spans if s["process"] == name]
+        by_kind = {k: _union([(s["start"], s["end"]) for s in mine if s["kind"] == k])
+                   for k in (*STATES, "comm")}
+        shares = {k: _length(by_kind[k]) / extent for k in STATES}
+        if by_kind["comm"]:
+            comm = _length(by_kind["comm"])
+            shares["comm"] = comm / extent
+            shares["comm_hidden"] = _overlap(by_kind["comm"], by_kind["compute"]) / max(comm, 1e-12)
+        out[name] = shares
+    return out
+
+
+def timeline_figure(spans: list[dict], title: str, max_processes: int = 24,
+                    clock: str = "simulated"):
+    """Gantt chart of compute / blocked / idle spans per process, each process's transfers
+    ("comm" spans) as a thin lane under its bar, and the shares of time at the right.
+    `clock`: "simulated" (the simulator's virtual time) or "wall-clock" (real processes)."""
+    procs = list(dict.fromkeys(s["process"] for s in spans))
+    names = procs[:max_processes]
+    has_comm = any(s["kind"] == "comm" for s in spans)
+    shares = time_shares([s for s in spans if s["process"] in names])
+    fig, ax = plt.subplots(figsize=(8.5, (0.5 if has_comm else 0.4) * len(names) + 1.6),
+                           layout="constrained")
+    bar = (-0.36, 0.52) if has_comm else (-0.36, 0.72)
+    lane = (0.2, 0.16)
     for row, name in enumerate(names):
-        for kind in COLORS:
-            bars = [(s["start"], s["end"] - s["start"]) for s in spans
-                    if s["process"] == name and s["kind"] == kind]
-            if bars:
-                ax.broken_barh(bars, (row - 0.4, 0.8), facecolors=COLORS[kind])
+        mine = [s for s in spans if s["process"] == name]
+        for kind in (*STATES, "comm"):
+            bars = [(s["start"], s["end"] - s["start"]) for s in mine if s["kind"] == kind]
+            if not bars:
+                continue
+            y = lane if kind == "comm" else bar
+            ax.broken_barh(bars, (row + y[0], y[1]), facecolors=COLORS[kind], edgecolor="none",
+                           linewidth=0)
     ax.set_yticks(range(len(names)), names)
-    ax.invert_yaxis()
-    ax.set_xlabel("simulated time (s)")
-    ax.set_title(title)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
-    ax.legend(handles, list(COLORS), loc="upper right", fontsize=8)
-    _save(fig, path)
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.set_xlim(left=min((s["start"] for s in spans), default=0.0))
+    ax.margins(x=0.01)
+    ax.set_xlabel("simulated time (s)" if clock == "simulated" else
+                  "wall-clock time since the run started (s)" if clock == "wall-clock" else
+                  "time (s)")
+    shown = title if len(procs) <= max_processes else \
+        f"{title} (first {max_processes} of {len(procs)} processes)"
+    ax.set_title(shown, fontsize=11)
+    right = blended_transform_factory(ax.transAxes, ax.transData)
+    for row, name in enumerate(names):
+        sh = shares.get(name, {})
+        text = " \u00b7 ".join(f"{_pct(sh.get(k, 0.0))} {k}" for k in STATES)
+        if "comm" in sh:
+            text += f"\n{_pct(sh['comm'])} on the wire, {_pct(sh['comm_hidden'])} of it hidden"
+        ax.text(1.01, row, text, transform=right, va="center", ha="left", fontsize=7.5)
+    kinds = [*STATES] + (["comm"] if has_comm else [])
+    fig.legend([Patch(facecolor=COLORS[k]) for k in kinds], [STATE_NAMES[k] for k in kinds],
+               loc="outside lower center", ncol=len(kinds), fontsize=8, frameon=False)
+    return fig
 
 
-def plot_run(out: Path, evals: list[dict], spans: list[dict] | None, label: str) -> None:
+def plot_timeline(path: Path, spans: list[dict], title: str, max_processes: int = 24,
+                  clock: str = "simulated") -> None:
+    _save(timeline_figure(spans, title, max_processes, clock), path)
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def run_label(out: Path, label: str) -> tuple[str, str]:
+    """The run's label and a note for titles, from its resolved config.toml when there is one:
+    a bare algorithm name gains the codec when that is not fp32 ('streaming+codec=fp4', the
+    way `loco compare` names variants); the note names a workload other than ar_gpt."""
+    try:
+        cfg = tomllib.loads((Path(out) / "config.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return label, ""
+    algorithm = cfg.get("algorithm", {})
+    name = algorithm.get("name", "")
+    if label in ("", name):
+        table = algorithm.get(name, {})
+        codec = algorithm.get("codec", table.get("codec", "fp32") if isinstance(table, dict) else "fp32")
+        label = name + (f"+codec={codec}" if codec != "fp32" else "")
+    workload = cfg.get("workload", {}).get("name", "ar_gpt")
+    return label, ("" if workload == "ar_gpt" else workload)
+
+
+def plot_run(out: Path, evals: list[dict], spans: list[dict] | None, label: str,
+             clock: str | None = None) -> None:
+    """A run folder's plots. `clock`: what the timeline's times are, "simulated" or
+    "wall-clock"; by default simulated when the evaluations carry sim_time_s (runs of the
+    real runtime carry none)."""
+    out = Path(out)
+    label, note = run_label(out, label)
+    title = f"{label} ({note})" if note else label
+    if clock is None:
+        clock = "simulated" if any("sim_time_s" in e for e in evals) else "wall-clock"
     plots = out / "plots"
-    plot_curves(plots / "loss.png", {label: evals}, "tokens", "training tokens (all workers)",
-                "validation loss")
-    if any("sim_time_s" in e for e in evals):
+    plot_curves(plots / "loss.png", {label: evals}, "tokens", "training tokens (all workers)", title)
+    if clock == "simulated":
         plot_curves(plots / "loss_vs_time.png", {label: evals}, "sim_time_s",
-                    "simulated time (s)", "validation loss against simulated time")
-    if any("bytes_sent" in e for e in evals):
+                    "simulated time (s)", title)
+    else:
+        plot_curves(plots / "loss_vs_time.png", {label: evals}, "time_s",
+                    "wall-clock time (s)", title)
+    if any(e.get("bytes_sent", 0) > 0 for e in evals):
         plot_curves(plots / "loss_vs_bytes.png", {label: evals}, "bytes_sent",
-                    "bytes sent (all processes)", "validation loss against bytes", logx=True)
+                    "bytes sent (all processes)", title, logx=True)
     if spans:
-        plot_timeline(plots / "timeline.png", spans, f"{label}: compute / blocked / idle")
+        plot_timeline(plots / "timeline.png", spans,
+                      f"{title}: where each process's time goes", clock=clock)
 
 
 def plot_sweep(path: Path, keys: list[str], rows: list[tuple[dict, dict, list[dict]]]) -> None:

@@ -4,6 +4,7 @@ runtimes' callers (run.py for the simulator, distributed.py for real processes) 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -39,10 +40,12 @@ class Setup:
 def build(cfg: Config) -> Setup:
     """Everything a run needs, with every user-facing check done up front."""
     device = pick_device(cfg.train.device)
-    corpus = load_corpus(cfg.data.path, cfg.data.train_fraction, min_val_len=cfg.model.seq_len + 1)
-    workload = build_workload(cfg, corpus, device)
+    corpus = load_corpus(cfg.data.path, cfg.data.train_fraction)
     cluster = Cluster(cfg.cluster, cfg.train.batch_size)
+    check_seq_len(cfg.model.seq_len, corpus, cluster.M)
+    workload = build_workload(cfg, corpus, device)
     settings = cfg.algorithm.settings
+    check_outer_optimizer(settings)
     codec = make_codec(settings.codec, settings.codec_block)  # fail early on a bad codec
     if cfg.cluster.allreduce == "hierarchical" and not codec.lossless:
         raise UserError("cluster.allreduce = 'hierarchical' models fp32 all-reduces only; "
@@ -57,7 +60,51 @@ def build(cfg: Config) -> Setup:
         param_shapes=[workload.spec.param_shapes()[n] for n in names],
         total_tokens=cfg.train.tokens, seq_len=cfg.model.seq_len, depth=cfg.model.depth,
     )
+    check_budget(job, getattr(settings, "H", None))
     algorithm = build_algorithm(cfg.algorithm.name, settings, job)
     return Setup(cfg, corpus, workload, cluster, job, algorithm)
+
+
+MIN_VAL_WINDOWS = 16  # fewer make the validation loss too noisy to compare runs by
+
+
+def check_seq_len(seq_len: int, corpus: Corpus, workers: int) -> None:
+    """Windows of seq_len + 1 characters: MIN_VAL_WINDOWS of them in the validation text,
+    and at least one in every worker's training shard (data.make_shards)."""
+    longest = min(len(corpus.val) // MIN_VAL_WINDOWS, len(corpus.train) // workers) - 1
+    if seq_len > longest:
+        fix = (f"the largest model.seq_len that works is {longest}" if longest > 0 else
+               "use a longer text")
+        raise UserError(
+            f"model.seq_len = {seq_len} is too long for corpus '{corpus.name}': evaluation needs "
+            f"{MIN_VAL_WINDOWS} windows of {seq_len + 1} characters in its {len(corpus.val):,} "
+            f"validation characters and each of {workers} worker(s) one in its share of "
+            f"{len(corpus.train):,} training characters; {fix}")
+
+
+def check_outer_optimizer(settings) -> None:
+    """The outer (or server) optimizers' settings, found by name in every algorithm's
+    settings: outer_lr, local_lr, global_lr, outer_momentum, anchor_momentum, ..."""
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if f.name.endswith("lr") and not value > 0:
+            raise UserError(f"algorithm.{f.name} must be > 0, got {value}")
+        if f.name.endswith("momentum") and not 0 <= value < 1:
+            raise UserError(f"algorithm.{f.name} must be in [0, 1), got {value}")
+
+
+def check_budget(job: Job, H: int | None) -> None:
+    """train.tokens must pay for one inner step of every worker and, for algorithms with
+    rounds, one round of H steps: a smaller budget silently trained a whole step or round."""
+    per_step = sum(job.tokens_per_step(w.index) for w in job.workers)
+    if job.total_tokens < per_step:
+        raise UserError(f"train.tokens = {job.total_tokens:,} is less than one inner step of all "
+                        f"{job.M} worker(s) ({per_step:,} tokens: batch size x model.seq_len "
+                        f"each); set train.tokens >= {per_step}")
+    if H is not None and H > job.planned_steps:
+        raise UserError(f"algorithm.H = {H}, but the run has {job.planned_steps} inner steps per "
+                        f"worker (train.tokens = {job.total_tokens:,} at {per_step:,} per step of "
+                        f"all workers); set algorithm.H <= {job.planned_steps} or train.tokens >= "
+                        f"{H * per_step}")
 
 

@@ -54,6 +54,9 @@ def read_text(path: str) -> tuple[str, str]:
         blob = resources.files("locotrain.data").joinpath("tinyshakespeare.txt.gz").read_bytes()
         return BUILTIN, gzip.decompress(blob).decode("utf-8")
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"data.path '{path}' is a folder; set it to a UTF-8 text file (one file, "
+                        "e.g. the folder's texts joined) or leave it empty for Tiny Shakespeare")
     if not p.is_file():
         raise UserError(f"corpus file '{path}' does not exist; set data.path to a UTF-8 text file "
                         "or leave it empty for the built-in Tiny Shakespeare")

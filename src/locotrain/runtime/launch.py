@@ -4,11 +4,14 @@ It spawns one process per algorithm process (workers, then servers) with the env
 torchrun gives its ranks (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and hosts
 the rendezvous store itself, as torchrun's agent does, on loopback. Unlike torchrun it does
 not tear the whole group down when one rank dies: an asynchronous server carries on without a
-dead worker, and every rank has deadlines of its own (collectives and silent peers time out
+dead worker, and ranks have deadlines of their own (gloo collectives and silent peers time out
 after `runtime.timeout_s`), so the launcher waits for the ranks to end and prints one line for
-each that failed. It stops them itself only when it is told to stop (SIGINT, SIGTERM, SIGHUP),
-and a rank dies with it even when the launcher is killed outright (SIGKILL). For several
-machines use torchrun with `-m locotrain.runtime.torchdist` (docs/runtime.md).
+each that failed. It stops ranks itself only when it is told to stop (SIGINT, SIGTERM,
+SIGHUP), when a rank is stopped (SIGSTOP) and every other one has ended, or when a synchronous
+run has lost a rank and the others are still running `runtime.timeout_s` + 15 s later (an
+NCCL collective can wait forever for a dead peer); it says why each time. A rank dies with the
+launcher even when the launcher is killed outright (SIGKILL). For several machines use
+torchrun with `-m locotrain.distributed` (docs/runtime.md).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch.distributed as dist
 from ..config import to_toml
 from ..errors import UserError
 from ..metrics import atomic_write
+from ..outputs import prepare_out_dir
 from .transport import SECRET_ENV, is_loopback, resolve_secret
 
 LAUNCHER_ENV = "LOCOTRAIN_LAUNCHER_PID"  # set in the ranks: die when this process dies
@@ -47,16 +51,17 @@ def _raise_stopped(signum, frame):
     raise _Stopped(signum)
 
 
-def launch(cfg, out: Path, nproc: int | None, force: bool) -> int:
-    """Returns the exit code: 0 when the run folder was written, 128 + N on signal N."""
-    from ..run import build, prepare_out_dir
-
-    setup = build(cfg)
-    procs = setup.algorithm.processes()
+def launch(cfg, out: Path, procs: list, workers: int, synchronous: bool, nproc: int | None,
+           force: bool, entry: list[str] | None = None) -> int:
+    """Run the config's processes `procs` (the algorithm's, from the caller: this module
+    imports no algorithm), of which the first `workers` are workers. `entry` is the command
+    each rank runs, `python -m locotrain.distributed` unless a test passes its own (fault
+    injection lives in the tests, not here). Returns the exit code: 0 when the run folder was
+    written, 128 + N on signal N."""
     n = len(procs)
     if nproc is not None and nproc != n:
-        raise UserError(f"{cfg.algorithm.name} on this cluster runs {n} processes ({setup.job.M} "
-                        f"workers + {n - setup.job.M} server(s)); --nproc says {nproc}")
+        raise UserError(f"{cfg.algorithm.name} on this cluster runs {n} processes ({workers} "
+                        f"workers + {n - workers} server(s)); --nproc says {nproc}")
     # Messages between ranks are authenticated. When every rank listens on loopback a secret
     # made up for this run keeps out other local users; a non-loopback runtime.host means the
     # ranks are reachable from elsewhere, and then the user must choose the secret.
@@ -79,7 +84,7 @@ def launch(cfg, out: Path, nproc: int | None, force: bool) -> int:
                               master_listen_fd=listener.fileno())
         listener.detach()  # the store owns the socket now, and closes it
     threads = max(1, (os.cpu_count() or 1) // n)
-    gpu_ranks = setup.job.M if cfg.runtime.server_device == "cpu" else n
+    gpu_ranks = workers if cfg.runtime.server_device == "cpu" else n
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
             "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "TORCHELASTIC_USE_AGENT_STORE": "True",
             "OMP_NUM_THREADS": str(threads), "LOCOTRAIN_THREADS": str(threads),
@@ -92,8 +97,8 @@ def launch(cfg, out: Path, nproc: int | None, force: bool) -> int:
         if lo:
             base.setdefault("GLOO_SOCKET_IFNAME", lo)
             base.setdefault("NCCL_SOCKET_IFNAME", lo)
-    cmd = [sys.executable, "-m", "locotrain.runtime.torchdist", str(out / "config.toml"),
-           "--out", str(out), "--prepared"]
+    cmd = (entry or [sys.executable, "-m", "locotrain.distributed"]) + [
+        str(out / "config.toml"), "--out", str(out), "--prepared"]
     children: list[subprocess.Popen] = []
     previous = {}
     try:
@@ -106,7 +111,10 @@ def launch(cfg, out: Path, nproc: int | None, force: bool) -> int:
         for r in range(n):
             children.append(subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
                                              start_new_session=True))
-        _wait(children, procs)
+        # A synchronous run cannot finish without every worker, and not every backend ends
+        # on its own when one is gone (a rank blocked in NCCL can wait forever).
+        give_up = cfg.runtime.timeout_s + 15 if synchronous else None
+        _wait(children, procs, give_up)
     except _Stopped as e:
         print(f"loco launch: got {e}; stopping every process", file=sys.stderr)
         return 128 + e.signum  # after `finally` has stopped them
@@ -120,26 +128,34 @@ def launch(cfg, out: Path, nproc: int | None, force: bool) -> int:
     return 0 if (out / "summary.json").is_file() else 1
 
 
-def _wait(children: list[subprocess.Popen], procs) -> None:
-    """Until every rank has ended; one line for each that failed."""
+def _wait(children: list[subprocess.Popen], procs, give_up_s: float | None) -> None:
+    """Until every rank has ended; one line for each that failed. With `give_up_s`, ranks
+    still running that long after one failed are stopped (a synchronous run cannot finish)."""
     codes: dict[int, int] = {}
     why: dict[int, str] = {}
+    failed_at = None
     while len(codes) < len(children):
         for r, child in enumerate(children):
             if r in codes or child.poll() is None:
                 continue
             codes[r] = child.returncode
             if child.returncode:
+                failed_at = failed_at or (time.monotonic(), procs[r].name)
                 reason = why.get(r) or (f"exited with code {child.returncode}" if child.returncode > 0
                                         else f"was killed by {signal.Signals(-child.returncode).name}")
                 print(f"loco launch: process {procs[r].name} (rank {r}) {reason}", file=sys.stderr)
+        left = [r for r in range(len(children)) if r not in codes and r not in why]
         # A stopped rank (SIGSTOP) cannot end on its own. Its peers declare it dead after
         # runtime.timeout_s; once every other rank has ended, nothing is left to resume it for.
-        left = [r for r in range(len(children)) if r not in codes]
         if codes and left and all(_stopped(children[r].pid) for r in left):
             for r in left:
                 why[r] = "was stopped (SIGSTOP) when every other process had ended; killed it"
                 _signal_group(children[r], signal.SIGKILL)
+        elif give_up_s is not None and failed_at and time.monotonic() > failed_at[0] + give_up_s:
+            for r in left:
+                why[r] = (f"was still running {give_up_s:g} s after {failed_at[1]} failed, "
+                          "which a synchronous run cannot finish without; stopped it")
+            _stop([children[r] for r in left])
         time.sleep(0.1)
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import heapq
 import math
 import random
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -283,12 +282,15 @@ class SimRuntime:
         kind, key = tag
         if kind == "coll":
             coll = self._collectives.pop(key)
+            for p in self.worker_procs:  # the exchange on the wire, whether or not it waited
+                p.span("comm", coll["joined"], self.time)
             for handle in coll["handles"]:
                 handle.done = True
                 handle.result = unflatten(coll["result"].clone(), coll["like"])
                 self._wake(handle, ready_at=coll["joined"])
             return
         msg, dst, handle = self._messages.pop(key)
+        self.by_name[msg.src].span("comm", msg.sent_at, self.time)
         handle.done = True
         self._wake(handle, ready_at=msg.sent_at)
         proc = self.by_name[dst]

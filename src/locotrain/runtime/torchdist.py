@@ -3,7 +3,10 @@ rank), running the same algorithm file as the simulator.
 
     loco launch quickstart --nproc 2                      # one machine, spawns the ranks
     torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
-        -m locotrain.runtime.torchdist two-datacenters --out runs/x   # several machines
+        -m locotrain.distributed two-datacenters --out runs/x   # several machines
+
+(locotrain/distributed.py is the entry point of a rank: it builds the run and hands this
+runtime the algorithm's processes.)
 
 Rank r runs process r of `algorithm.processes()` (workers first, then servers), so the world
 size is the number of processes. Primitives map onto real operations:
@@ -30,7 +33,6 @@ volume of gloo's and NCCL's ring algorithms: 2(M-1)/M of the payload for an all-
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -45,12 +47,11 @@ import torch
 import torch.distributed as dist
 
 from ..codecs import flatten, make_codec, unflatten
-from ..config import load_config, to_toml
+from ..config import to_toml
 from ..data import make_shards
 from ..errors import UserError
 from ..metrics import Recorder, atomic_write
 from ..outputs import prepare_out_dir, summarize, write_outputs
-from ..setup import build
 from ..workloads import build_workload
 from . import collectives
 from .api import Apply, Context, Gradients, Handle, Message, Recv, ServerStep, Train, Wait
@@ -100,13 +101,15 @@ class _Context(Context):
 
 
 class DistRuntime:
-    def __init__(self, cfg, rank: int, world: int, local_rank: int, out: Path | None,
+    def __init__(self, cfg, setup, rank: int, world: int, local_rank: int, out: Path | None,
                  force: bool, prepared: bool):
+        """`setup` is setup.build(cfg)'s: the algorithm comes from the caller, so that this
+        runtime never imports one."""
         self.cfg, self.rank, self.out, self.force, self.prepared = cfg, rank, out, force, prepared
         if cfg.cluster.allreduce == "hierarchical":
             raise UserError("cluster.allreduce = 'hierarchical' is modelled by the simulator only; "
                             "real runs all-reduce over one ring (set cluster.allreduce = 'ring')")
-        self.setup = build(cfg)
+        self.setup = setup
         self.job = self.setup.job
         procs = self.setup.algorithm.processes()
         if world != len(procs):
@@ -477,76 +480,3 @@ def _my_address(host: str) -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect((master, 9))
         return s.getsockname()[0]
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .launch import die_with_launcher
-    from .transport import SECRET_ENV, resolve_secret
-
-    die_with_launcher()  # first thing: a rank of `loco launch` must not outlive it
-    ap = argparse.ArgumentParser(prog="python -m locotrain.runtime.torchdist")
-    ap.add_argument("config", nargs="?", default="quickstart")
-    ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--out")
-    ap.add_argument("--force", action="store_true")
-    ap.add_argument("--prepared", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if "LOCOTRAIN_THREADS" in os.environ:
-        torch.set_num_threads(int(os.environ["LOCOTRAIN_THREADS"]))
-
-    def lost_contact(e: BaseException) -> bool:
-        """An error of torch.distributed or of a connection: the other processes are gone or
-        unreachable. (A bug of ours keeps its traceback.)"""
-        if isinstance(e, (dist.DistError, ConnectionError, TimeoutError)):
-            return True
-        tb = e.__traceback__  # e.g. gloo's plain RuntimeError, raised inside torch.distributed
-        while isinstance(e, RuntimeError) and tb is not None:
-            if f"torch{os.sep}distributed{os.sep}" in tb.tb_frame.f_code.co_filename:
-                return True
-            tb = tb.tb_next
-        return False
-
-    rt, code, finished = None, 0, False
-    try:
-        _, cfg = load_config(args.config, args.set)
-        # Fail before the rendezvous without a usable secret; from here on the rank reads it
-        # from its environment, so that it never reaches the run folder's config.toml.
-        os.environ[SECRET_ENV] = resolve_secret(cfg.runtime.secret)
-        cfg.runtime.secret = ""
-        rt = DistRuntime(cfg, rank, world, local_rank, Path(args.out) if args.out else None,
-                         args.force, args.prepared)
-        rt.run()
-        rt.finish()
-        finished = True
-    except UserError as e:
-        print(f"loco: error: {e}", file=sys.stderr)
-        code = 2
-    except PeerFailure as e:
-        print(f"loco: {e}", file=sys.stderr)
-        code = 1
-    except KeyboardInterrupt:
-        print(f"loco: rank {rank}: interrupted", file=sys.stderr)
-        code = 130
-    except Exception as e:
-        if not lost_contact(e):
-            raise
-        # One line: torch's messages can carry a C++ stack after the first.
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        print(f"loco: rank {rank}: lost contact with the other processes ({first})", file=sys.stderr)
-        code = 1
-    finally:
-        if rt is not None:
-            try:
-                if not finished:  # no goodbye: peers waiting on this rank must see it die
-                    rt.transport.close(goodbye=False)
-                rt.close()
-            except Exception as e:
-                if not lost_contact(e):
-                    raise
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
