@@ -52,7 +52,7 @@ class Timed:
         def run(engine, group):
             original(engine, group)
             sync()
-            tokens = sum(j.row.tokens_per_step for j in group) * engine.chunks[-1][1]
+            tokens = sum(j.tokens_per_step for j in group) * engine.chunks[-1][1]
             self.marks.append((time.perf_counter(), tokens if group[0].kind != "apply" else 0))
 
         Engine._run = run

@@ -42,8 +42,11 @@ class ScriptedContext(Context):
     def reset_optimizer(self):
         self._s.record(self.name, "reset_optimizer", None)
 
-    def start_all_reduce(self, tensors, codec):
-        return self._s.join(self, tensors)
+    def start_all_reduce(self, tensors, codec, group=None):
+        return self._s.join(self, tensors, group)
+
+    def form_groups(self, groups):
+        self._s.record(self.name, "form_groups", [tuple(g) for g in groups])
 
     def send(self, dst, tensors, codec, meta=None):
         msg = Message(self.name, [t.clone() for t in tensors], dict(meta or {}), self.now())
@@ -81,7 +84,7 @@ class Script:
         self.ticks = 0
         self.procs = algorithm.processes()
         self.mailboxes = {p.name: deque() for p in self.procs}
-        self._collectives: dict[int, dict] = {}
+        self._collectives: dict[tuple, dict] = {}
         self._joined: dict[str, int] = {}
 
     # -- what the script does instead of a model --------------------------------------
@@ -94,15 +97,16 @@ class Script:
     def record(self, name, kind, details):
         self.log.append((name, kind, details))
 
-    def join(self, ctx: ScriptedContext, tensors) -> Handle:
-        key = self._joined.get(ctx.name, 0)
-        self._joined[ctx.name] = key + 1
-        coll = self._collectives.setdefault(key, {"parts": {}, "handles": []})
+    def join(self, ctx: ScriptedContext, tensors, group=None) -> Handle:
+        members = tuple(range(self.job.M)) if group is None else tuple(sorted(group))
+        index = self._joined.get((ctx.name, members), 0)
+        self._joined[(ctx.name, members)] = index + 1
+        coll = self._collectives.setdefault((members, index), {"parts": {}, "handles": []})
         coll["parts"][ctx.worker] = [t.detach().clone() for t in tensors]
         self.record(ctx.name, "all_reduce", coll["parts"][ctx.worker])
         handle = Handle("all_reduce")
         coll["handles"].append(handle)
-        if len(coll["parts"]) == self.job.M:
+        if len(coll["parts"]) == len(members):
             mean = self._reduce([coll["parts"][m] for m in sorted(coll["parts"])])
             for h in coll["handles"]:
                 h.done, h.result = True, [t.clone() for t in mean]
@@ -141,7 +145,7 @@ class Script:
     def _execute(self, name, op):
         worker = next(p.worker for p in self.procs if p.name == name)
         if isinstance(op, Train):
-            self.record(name, "train", (op.steps, op.progress, op.progress_end))
+            self.record(name, "train", (op.steps, op.progress, op.progress_end, op.batch_size))
             return self._train(worker, op.steps, self.params[worker], op.progress,
                                op.progress_end), False
         if isinstance(op, Gradients):

@@ -37,12 +37,27 @@ def cmd_run(args) -> None:
 
     name, cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else _default_out(name, cfg.algorithm.name)
+    _note_rounding(cfg)
     s = train(cfg, out, force=args.force, quiet=args.quiet)
     bound = "<= " if "final_val_bpc_stderr" in s else ""
     print(f"{cfg.algorithm.name} on {s['workers']} worker(s), {s['params']:,} params, "
           f"{s['tokens']:,} tokens: final val {bound}{s['final_val_bpc']:.4f} bpc "
           f"(best {s['best_val_bpc']:.4f}), {s['time_s']:.1f} s wall, "
           f"{s['sim_time_s']:.1f} s simulated -> {out}")
+
+
+def _note_rounding(cfg) -> None:
+    """Every algorithm spends train.tokens in whole inner steps of all workers, rounding up:
+    say so once, before training, rather than let the summary's token count surprise."""
+    from .cluster import Cluster
+
+    workers = Cluster(cfg.cluster, cfg.train.batch_size).workers
+    per_step = cfg.model.seq_len * sum(w.batch_size for w in workers)
+    tokens = cfg.train.tokens
+    if tokens > per_step and tokens % per_step:  # (below one step, setup.build says so)
+        rounded = -(-tokens // per_step) * per_step
+        print(f"loco: note: train.tokens = {tokens:,} is not a whole number of inner steps of "
+              f"all workers ({per_step:,} tokens each); training {rounded:,}", file=sys.stderr)
 
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:
@@ -73,6 +88,7 @@ def cmd_compare(args) -> None:
         build(c)
         configs[spec] = c
     out = Path(args.out) if args.out else _default_out(name, "compare")
+    _note_rounding(cfg)
     if (out / "comparison.md").exists() and not args.force:
         raise UserError(f"'{out}' already holds a comparison; pass --force or another --out")
     prepare_out_dir(out, args.force)

@@ -107,7 +107,8 @@ def curves_figure(runs: dict[str, list[dict]], x: str, xlabel: str, title: str,
     validation window; hollow: on a subset (`eval.windows`). Runs whose numbers are upper
     bounds (masked diffusion) say so and carry +-1 standard-error bars. With `logx`, the
     axis starts at the first positive x; evaluations at x = 0 are named in the axis label."""
-    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    fig, ax = plt.subplots(figsize=(7.0, 4.6), layout="constrained")
+    ends: list[tuple[float, str, str]] = []  # (bpc, text, color) of each curve's last point
     bound = {label: _is_bound(evals) for label, evals in runs.items()}
     mixed = any(bound.values()) and not all(bound.values())
     subset_windows, full_windows, zero, drawn, positive = set(), set(), [], 0, []
@@ -135,6 +136,8 @@ def curves_figure(runs: dict[str, list[dict]], x: str, xlabel: str, title: str,
                 color=color, zorder=3)
         ax.plot([p[0] for p in sub], [p[1] for p in sub], ls="none", marker="o", ms=5,
                 mfc="white", mec=color, mew=1.3, zorder=3)
+        end = f"\u2264 {ys[-1]:.3f} \u00b1{pts[-1][2] or 0.0:.3f}" if bound[label] else f"{ys[-1]:.3f}"
+        ends.append((ys[-1], end, color))
     label_x = xlabel
     if logx and positive:
         ax.set_xscale("log")
@@ -162,14 +165,47 @@ def curves_figure(runs: dict[str, list[dict]], x: str, xlabel: str, title: str,
                 transform=ax.transAxes, ha="center", va="center", color="0.4")
         return fig
     handles, labels = ax.get_legend_handles_labels()
+    keys: list[tuple] = []
     if subset_windows:
-        key = "0.35"
-        handles += [Line2D([], [], ls="none", marker="o", ms=5, color=key),
-                    Line2D([], [], ls="none", marker="o", ms=5, mfc="white", mec=key, mew=1.3)]
-        labels += [f"all {'/'.join(map(str, sorted(full_windows)))} validation windows",
-                   f"subset: {'/'.join(map(str, sorted(subset_windows)))} windows (eval.windows)"]
-    ax.legend(handles, labels, loc="best", fontsize=8)
+        grey = "0.35"
+        keys = [(Line2D([], [], ls="none", marker="o", ms=5, color=grey),
+                 f"all {'/'.join(map(str, sorted(full_windows)))} validation windows"),
+                (Line2D([], [], ls="none", marker="o", ms=5, mfc="white", mec=grey, mew=1.3),
+                 f"subset: {'/'.join(map(str, sorted(subset_windows)))} windows (eval.windows)")]
+    _legend_below(fig, list(zip(handles, labels)), keys)
+    _label_ends(ax, ends)
     return fig
+
+
+def _legend_below(fig, runs: list[tuple], keys: list[tuple], ncol_max: int = 4) -> None:
+    """One legend under the plot: the runs on the first row(s), the marker key on the next."""
+    ncol = max(1, min(ncol_max, max(len(runs), len(keys))))
+    blank = (Line2D([], [], ls="none"), "")
+    rows = []
+    for group in (runs, keys):
+        for i in range(0, len(group), ncol):
+            chunk = group[i:i + ncol]
+            rows.append(chunk + [blank] * (ncol - len(chunk)))
+    entries = [rows[r][c] for c in range(ncol) for r in range(len(rows))]  # column-major
+    fig.legend([h for h, _ in entries], [t for _, t in entries], loc="outside lower center",
+               ncol=ncol, fontsize=8, frameon=False)
+
+
+def _label_ends(ax, ends: list[tuple[float, str, str]]) -> None:
+    """Each curve's last value just right of the axes, at its height, nudged apart so that
+    close values stay legible (which run ends lowest reads off without a table)."""
+    lo, hi = ax.get_ylim()
+    gap = 0.05 * (hi - lo)
+    placed: list[float] = []
+    for y, _, _ in sorted(ends):
+        placed.append(max(y, placed[-1] + gap) if placed else y)
+    overflow = placed[-1] - hi if placed else 0.0
+    if overflow > 0:  # pushed above the top: shift the stack down
+        placed = [p - overflow for p in placed]
+    at = blended_transform_factory(ax.transAxes, ax.transData)
+    for (y, text, color), y_text in zip(sorted(ends), placed):
+        ax.annotate(text, xy=(1.0, y), xycoords=at, xytext=(1.01, y_text), textcoords=at,
+                    va="center", ha="left", fontsize=8, color=color, annotation_clip=False)
 
 
 def plot_curves(path: Path, runs: dict[str, list[dict]], x: str, xlabel: str, title: str,
@@ -220,7 +256,9 @@ def _pct(f: float) -> str:
 def time_shares(spans: list[dict]) -> dict[str, dict[str, float]]:
     """Per process: the fraction of the timeline's extent (first start to last end, over all
     processes) spent in compute, blocked and idle; with "comm" spans, the fraction with a
-    transfer on the wire and `comm_hidden`, the part of that overlapped by compute."""
+    transfer on the wire and `comm_hidden`, the part of that overlapped by compute; `gap`:
+    the fraction in none of the three (a process done early; on real processes, evaluations
+    and start-up)."""
     if not spans:
         return {}
     t0 = min(s["start"] for s in spans)
@@ -231,6 +269,7 @@ def time_shares(spans: list[dict]) -> dict[str, dict[str, float]]:
         by_kind = {k: _union([(s["start"], s["end"]) for s in mine if s["kind"] == k])
                    for k in (*STATES, "comm")}
         shares = {k: _length(by_kind[k]) / extent for k in STATES}
+        shares["gap"] = max(0.0, 1.0 - _length(_union([iv for k in STATES for iv in by_kind[k]])) / extent)
         if by_kind["comm"]:
             comm = _length(by_kind["comm"])
             shares["comm"] = comm / extent
@@ -275,12 +314,19 @@ def timeline_figure(spans: list[dict], title: str, max_processes: int = 24,
     for row, name in enumerate(names):
         sh = shares.get(name, {})
         text = " \u00b7 ".join(f"{_pct(sh.get(k, 0.0))} {k}" for k in STATES)
+        if sh.get("gap", 0.0) >= 0.005:
+            text += f" \u00b7 {_pct(sh['gap'])} gap"
         if "comm" in sh:
             text += f"\n{_pct(sh['comm'])} on the wire, {_pct(sh['comm_hidden'])} of it hidden"
         ax.text(1.01, row, text, transform=right, va="center", ha="left", fontsize=7.5)
     kinds = [*STATES] + (["comm"] if has_comm else [])
-    fig.legend([Patch(facecolor=COLORS[k]) for k in kinds], [STATE_NAMES[k] for k in kinds],
-               loc="outside lower center", ncol=len(kinds), fontsize=8, frameon=False)
+    handles = [Patch(facecolor=COLORS[k]) for k in kinds]
+    labels = [STATE_NAMES[k] for k in kinds]
+    if any(sh.get("gap", 0.0) >= 0.005 for sh in shares.values()):
+        handles.append(Patch(facecolor="white", edgecolor="0.6"))
+        labels.append("gap: no span (done early, evaluating, starting)")
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)),
+               fontsize=8, frameon=False)
     return fig
 
 

@@ -42,7 +42,6 @@ def build(cfg: Config) -> Setup:
     device = pick_device(cfg.train.device)
     corpus = load_corpus(cfg.data.path, cfg.data.train_fraction)
     cluster = Cluster(cfg.cluster, cfg.train.batch_size)
-    check_seq_len(cfg.model.seq_len, corpus, cluster.M)
     workload = build_workload(cfg, corpus, device)
     settings = cfg.algorithm.settings
     check_outer_optimizer(settings)
@@ -76,10 +75,9 @@ def check_seq_len(seq_len: int, corpus: Corpus, workers: int) -> None:
         fix = (f"the largest model.seq_len that works is {longest}" if longest > 0 else
                "use a longer text")
         raise UserError(
-            f"model.seq_len = {seq_len} is too long for corpus '{corpus.name}': evaluation needs "
-            f"{MIN_VAL_WINDOWS} windows of {seq_len + 1} characters in its {len(corpus.val):,} "
-            f"validation characters and each of {workers} worker(s) one in its share of "
-            f"{len(corpus.train):,} training characters; {fix}")
+            f"model.seq_len = {seq_len} is too long for corpus '{corpus.name}' (its "
+            f"{len(corpus.val):,} validation characters must hold {MIN_VAL_WINDOWS} windows, its "
+            f"{len(corpus.train):,} training characters one per worker for {workers}); {fix}")
 
 
 def check_outer_optimizer(settings) -> None:

@@ -55,8 +55,8 @@ def read_text(path: str) -> tuple[str, str]:
         return BUILTIN, gzip.decompress(blob).decode("utf-8")
     p = Path(path)
     if p.is_dir():
-        raise UserError(f"data.path '{path}' is a folder; set it to a UTF-8 text file (one file, "
-                        "e.g. the folder's texts joined) or leave it empty for Tiny Shakespeare")
+        raise UserError(f"data.path '{path}' is a folder; set it to one UTF-8 text file (join "
+                        "the folder's texts into one) or leave it empty for Tiny Shakespeare")
     if not p.is_file():
         raise UserError(f"corpus file '{path}' does not exist; set data.path to a UTF-8 text file "
                         "or leave it empty for the built-in Tiny Shakespeare")

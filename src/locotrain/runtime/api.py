@@ -40,6 +40,8 @@ class Train:
     steps: int
     progress: float | None  # LR schedule position at the first step; None = own step count
     progress_end: float | None = None  # if given, the position moves linearly to it
+    batch_size: int | None = None  # sequences per step; None = the worker's own batch size
+    micro_batch: int | None = None  # at most this many at once (gradient accumulation)
 
 
 @dataclass
@@ -118,8 +120,13 @@ class Context(ABC):
 
     # -- worker compute ------------------------------------------------------------
     def train(self, steps: int, progress: float | None = None,
-              progress_end: float | None = None) -> Train:
-        return Train(steps, progress, progress_end)
+              progress_end: float | None = None, batch_size: int | None = None,
+              micro_batch: int | None = None) -> Train:
+        """`steps` inner steps. A step of `batch_size` sequences (default: the worker's) costs
+        the modelled step time scaled by batch_size / the worker's batch; `micro_batch` splits
+        it into forward/backward passes of at most that many sequences whose gradients add up
+        (accumulation: the same gradient, less memory)."""
+        return Train(steps, progress, progress_end, batch_size, micro_batch)
 
     def gradients(self) -> Gradients:
         return Gradients()
@@ -135,11 +142,23 @@ class Context(ABC):
 
     # -- communication -------------------------------------------------------------
     @abstractmethod
-    def start_all_reduce(self, tensors: Tensors, codec: Codec) -> Handle:
-        """Mean over all workers; what is computed and sent is runtime/collectives.py's."""
+    def start_all_reduce(self, tensors: Tensors, codec: Codec,
+                         group: tuple[int, ...] | None = None) -> Handle:
+        """Mean over the workers of `group` (worker indices; None = every worker; any other
+        group must be one of the algorithm's `groups()`); what is computed and sent is
+        runtime/collectives.py's."""
 
-    def all_reduce(self, tensors: Tensors, codec: Codec) -> Wait:
-        return Wait(self.start_all_reduce(tensors, codec))
+    def all_reduce(self, tensors: Tensors, codec: Codec,
+                   group: tuple[int, ...] | None = None) -> Wait:
+        return Wait(self.start_all_reduce(tensors, codec, group))
+
+    @abstractmethod
+    def form_groups(self, groups: list[tuple[int, ...]]) -> None:
+        """Make these groups of workers usable by all-reduce from now on, when membership is
+        only known during the run (AdLoCo's trainers). Every worker process must call it
+        with the same groups at the same point of its program (the real runtime creates a
+        communicator per group on every rank); algorithms with servers declare their groups
+        up front in `Algorithm.groups()` instead."""
 
     def wait(self, handle: Handle) -> Wait:
         return Wait(handle)
@@ -196,6 +215,11 @@ class Algorithm(ABC):
     @abstractmethod
     def processes(self) -> list[Process]:
         ...
+
+    def groups(self) -> list[tuple[int, ...]]:
+        """Groups of workers, besides all of them, that all-reduce among themselves (the
+        real runtime creates their communicators up front, in this order, on every rank)."""
+        return []
 
     def worker_processes(self, run) -> list[Process]:
         """One process per worker, in its region, all running `run`."""

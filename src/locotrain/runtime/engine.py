@@ -70,10 +70,20 @@ class Job:
     progress: float | None = None
     progress_end: float | None = None
     grads: list[torch.Tensor] | None = None
+    batch_size: int = 0  # sequences per step (0 = the worker's own)
+    micro_batch: int = 0  # at most this many per forward/backward (0 = the whole batch)
     done: int = 0
     loss: torch.Tensor | None = None
     result: object = None
     finished: bool = False
+
+    @property
+    def batch(self) -> int:
+        return self.batch_size or self.row.batch_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.row.workload.spec.seq_len
 
     def position(self, i: int) -> float:
         """Learning-rate position of step i of this job's current chunk (see api.Train):
@@ -172,10 +182,11 @@ class Engine:
 
     # -- jobs -------------------------------------------------------------------------------
     def submit(self, row: Row, kind: str, steps: int = 1, progress=None, progress_end=None,
-               grads=None) -> Job:
+               grads=None, batch_size=None, micro_batch=None) -> Job:
         if row.job is not None:
             raise RuntimeError(f"worker {row.index} submitted a job while one is pending")
-        job = Job(row, kind, steps, progress, progress_end, grads)
+        job = Job(row, kind, steps, progress, progress_end, grads, batch_size or 0,
+                  micro_batch or 0)
         row.job = job
         self.pending.append(job)
         return job
@@ -230,16 +241,23 @@ class Engine:
             grads = [torch.stack([j.grads[i] for j in group]) for i in range(len(params))]
             self._optimize(rows, params, grads, moments, self._learning_rates(group, rows, 1)[0])
             return None
-        batches = self._batches(rows, steps)
+        batch = group[0].batch
+        batches = self._batches(rows, steps, batch)
         total = torch.zeros(len(rows), device=params[0].device)
         lrs = self._learning_rates(group, rows, steps)
+        micro = group[0].micro_batch or batch
         for i in range(steps):
             leaves = [p.detach().requires_grad_(True) for p in params]
             named = dict(zip(rows[0].bank.names, leaves))
-            loss = workload.loss(named, batches[i], [r.noise_stream for r in rows])
-            loss.sum().backward()  # each worker's loss depends on its own row only
+            loss = torch.zeros(len(rows), device=params[0].device)
+            for start in range(0, batch, micro):  # accumulation: the mean over the batch
+                part = batches[i][:, start:start + micro]
+                piece = workload.loss(named, part, [r.noise_stream for r in rows])
+                share = part.shape[1] / batch
+                (piece.sum() * share).backward()  # each worker's loss is its own row's
+                loss += piece.detach() * share
             grads = [p.grad for p in leaves]
-            total += loss.detach()
+            total += loss
             if kind == "gradients":
                 for w, j in enumerate(group):
                     j.result = ([g[w] for g in grads], loss.detach()[w])
@@ -249,10 +267,10 @@ class Engine:
                 self.on_step()
         return total
 
-    def _batches(self, rows: list[Row], steps: int) -> torch.Tensor:
+    def _batches(self, rows: list[Row], steps: int, batch: int) -> torch.Tensor:
         """(steps, W, B, window) token windows: each worker's own stream, in step order."""
         window = rows[0].workload.window
-        starts = torch.stack([torch.stack([r.shard.starts(r.batch_size, window, r.data_stream)
+        starts = torch.stack([torch.stack([r.shard.starts(batch, window, r.data_stream)
                                            for r in rows]) for _ in range(steps)])
         tokens = rows[0].shard.tokens
         if all(r.shard.tokens is tokens for r in rows):
@@ -294,4 +312,5 @@ def _group_key(job: Job) -> tuple:
     task = (type(wl), wl.cfg.workload.context_len, wl.cfg.workload.loopholing,
             wl.cfg.workload.self_cond_rate)
     inner = (r.cfg.optimizer, r.cfg.beta1, r.cfg.beta2, r.cfg.grad_clip)
-    return (job.kind, id(r.bank), task, inner, r.batch_size if job.kind != "apply" else 0)
+    shape = (job.batch, job.micro_batch) if job.kind != "apply" else 0
+    return (job.kind, id(r.bank), task, inner, shape)

@@ -49,7 +49,7 @@ class _Proc:
     done: bool = False
     waiting: object = None  # the Handle or Recv it is blocked on
     wait_start: float = 0.0
-    collectives: int = 0
+    collectives: dict = field(default_factory=dict)  # group -> collectives joined so far
     mailbox: deque = field(default_factory=deque)
     spans: list = field(default_factory=list)  # (kind, start, end)
     finished_at: float = 0.0
@@ -80,8 +80,11 @@ class _SimContext(Context):
     def reset_optimizer(self):
         self._rt.engine.reset_optimizer(self._proc.worker)
 
-    def start_all_reduce(self, tensors, codec):
-        return self._rt._join_collective(self._proc, tensors, codec)
+    def start_all_reduce(self, tensors, codec, group=None):
+        return self._rt._join_collective(self._proc, tensors, codec, group)
+
+    def form_groups(self, groups):
+        self._rt._groups |= {tuple(sorted(g)) for g in groups}
 
     def send(self, dst, tensors, codec, meta=None):
         return self._rt._send(self._proc, dst, tensors, codec, meta or {})
@@ -120,7 +123,8 @@ class SimRuntime:
         self.worker_procs = [p for p in self.procs if p.worker is not None]
         self.network = Network(cluster, {p.name: p.region for p in self.procs})
         self._jitter = [random.Random(f"jitter-{seed}-{w}") for w in range(job.M)]
-        self._collectives: dict[int, dict] = {}
+        self._collectives: dict[tuple, dict] = {}  # (group, index) -> the collective so far
+        self._groups = {tuple(sorted(g)) for g in algorithm.groups()}
         self._messages: dict[int, tuple] = {}
         self.inner_steps = 0
         self.tokens = 0
@@ -175,8 +179,8 @@ class SimRuntime:
                 value = None
             else:
                 self.inner_steps += job.steps
-                self.tokens += job.steps * proc.worker.tokens_per_step
-                self.recorder.on_train(job.steps * proc.worker.tokens_per_step, job.steps, job.loss)
+                self.tokens += job.steps * job.tokens_per_step
+                self.recorder.on_train(job.steps * job.tokens_per_step, job.steps, job.loss)
                 value = job.result[0] if job.kind == "gradients" else job.result
         while True:
             try:
@@ -185,8 +189,9 @@ class SimRuntime:
                 proc.done, proc.finished_at = True, self.time
                 return
             if isinstance(op, Train):
-                self._compute(proc, self.engine.submit(proc.worker, "train", op.steps,
-                                                       op.progress, op.progress_end))
+                self._compute(proc, self.engine.submit(
+                    proc.worker, "train", op.steps, op.progress, op.progress_end,
+                    batch_size=op.batch_size, micro_batch=op.micro_batch))
                 return
             if isinstance(op, Gradients):
                 self._compute(proc, self.engine.submit(proc.worker, "gradients"))
@@ -222,7 +227,8 @@ class SimRuntime:
         """The job runs whenever the engine gets to it; the worker resumes at the modelled
         end of its steps."""
         w = proc.worker.index
-        seconds = job.steps * self.step_times[w]
+        # Step time grows with the batch (the FLOPs model is linear in tokens).
+        seconds = job.steps * self.step_times[w] * job.batch / proc.worker.batch_size
         if self.cluster.cfg.jitter > 0:
             seconds *= max(0.1, 1.0 + self.cluster.cfg.jitter * self._jitter[w].gauss(0.0, 1.0))
         end = self.cluster.compute_end(w, self.time, seconds)
@@ -230,32 +236,47 @@ class SimRuntime:
         self._schedule(end, proc, _Finished(job))
 
     # -- collectives ----------------------------------------------------------------
-    def _join_collective(self, proc: _Proc, tensors, codec: Codec) -> Handle:
-        """Join the all-reduce with this process's next collective index. The arithmetic and
-        the bytes are collectives.plan's, exactly what the real runtime does."""
+    def _join_collective(self, proc: _Proc, tensors, codec: Codec, group=None) -> Handle:
+        """Join the all-reduce with this process's next collective index in `group` (all
+        workers if None). The arithmetic and the bytes are collectives.plan's, exactly what
+        the real runtime does."""
         if proc.worker is None:
             raise RuntimeError(f"{proc.name} is not a worker; all-reduce is among workers only")
-        key = proc.collectives
-        proc.collectives += 1
+        members = self._members(group)
+        if proc.worker.index not in members:
+            raise RuntimeError(f"{proc.name} joined an all-reduce of group {group} it is not in")
+        index = proc.collectives.get(members, 0)
+        proc.collectives[members] = index + 1
+        key = (members, index)
         handle = Handle("all_reduce")
-        M = len(self.worker_procs)
         flat = flatten(tensors)  # a copy: the payload is snapshotted when the call is made
-        coll = self._collectives.setdefault(key, {"parts": {}, "handles": [], "like": tensors})
+        coll = self._collectives.setdefault(key, {"parts": {}, "handles": [], "like": tensors,
+                                                  "procs": []})
         coll["parts"][proc.worker.index] = flat
         coll["handles"].append(handle)
-        if len(coll["parts"]) < M:
+        coll["procs"].append(proc)
+        if len(coll["parts"]) < len(members):
             return handle
-        plan = collectives.plan(codec, M, flat.numel())
-        coll["result"] = plan.reduce([coll["parts"][m] for m in range(M)])
+        plan = collectives.plan(codec, len(members), flat.numel())
+        coll["result"] = plan.reduce([coll["parts"][m] for m in members])
         coll["joined"] = self.time
         self.peak_payload = max(self.peak_payload, plan.payload_bytes)
-        hosts = [p.name for p in self.worker_procs]
+        hosts = [self.job.worker_name(m) for m in members]
         if self.cluster.cfg.allreduce == "hierarchical":  # fp32 only (checked at build)
             self.network.all_reduce(self.time, hosts, plan.payload_bytes, ("coll", key),
                                     mode="hierarchical")
         else:
             self.network.ring(self.time, hosts, plan.bytes_per_rank, plan.hops, ("coll", key))
         return handle
+
+    def _members(self, group) -> tuple[int, ...]:
+        if group is None:
+            return tuple(p.worker.index for p in self.worker_procs)
+        members = tuple(sorted(group))
+        if members not in self._groups:
+            raise RuntimeError(f"all-reduce over group {members}, which the algorithm did not "
+                               "declare in groups()")
+        return members
 
     def _send(self, proc: _Proc, dst: str, tensors, codec: Codec, meta: dict) -> Handle:
         if dst not in self.by_name:
@@ -282,7 +303,7 @@ class SimRuntime:
         kind, key = tag
         if kind == "coll":
             coll = self._collectives.pop(key)
-            for p in self.worker_procs:  # the exchange on the wire, whether or not it waited
+            for p in coll["procs"]:  # the exchange on the wire, whether or not it waited
                 p.span("comm", coll["joined"], self.time)
             for handle in coll["handles"]:
                 handle.done = True

@@ -84,8 +84,19 @@ class _Context(Context):
     def reset_optimizer(self):
         self._rt.engine.reset_optimizer(self._rt.row)
 
-    def start_all_reduce(self, tensors, codec):
-        return self._rt.start_all_reduce(tensors, codec)
+    def start_all_reduce(self, tensors, codec, group=None):
+        return self._rt.start_all_reduce(tensors, codec, group)
+
+    def form_groups(self, groups):
+        rt = self._rt
+        if len(rt.procs) != rt.job.M:
+            raise RuntimeError("form_groups needs every process to be a worker; an algorithm "
+                               "with servers declares its groups in groups()")
+        timeout = timedelta(seconds=rt.cfg.runtime.timeout_s)
+        for g in groups:  # every rank calls new_group for every group, in the same order
+            members = tuple(sorted(g))
+            if members not in rt.groups:
+                rt.groups[members] = dist.new_group(list(members), timeout=timeout)
 
     def send(self, dst, tensors, codec, meta=None):
         return self._rt.send(dst, tensors, codec, meta or {})
@@ -138,7 +149,13 @@ class DistRuntime:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
         self.backend = backend
         workers = list(range(self.job.M))
-        self.workers_group = dist.new_group(workers, timeout=timeout) if world > self.job.M else None
+        # Communicators for every group the algorithm all-reduces in, made on every rank in
+        # the same order (torch.distributed's rule): all workers, then its own groups.
+        everyone = tuple(workers)
+        self.groups = {everyone: dist.new_group(workers, timeout=timeout)
+                       if world > self.job.M else None}
+        for g in self.setup.algorithm.groups():
+            self.groups[tuple(sorted(g))] = dist.new_group(sorted(g), timeout=timeout)
         self.store = dist.distributed_c10d._get_default_store()
         self.transport = Transport(  # payloads: at most 5 bytes a value (int8, 1 value a block)
             rank, self.store, _my_address(cfg.runtime.host), cfg.runtime.timeout_s,
@@ -198,7 +215,8 @@ class DistRuntime:
             tick = time.perf_counter()
             self.advance_collectives()
             if isinstance(op, Train):
-                job = self.engine.submit(self.row, "train", op.steps, op.progress, op.progress_end)
+                job = self.engine.submit(self.row, "train", op.steps, op.progress, op.progress_end,
+                                         batch_size=op.batch_size, micro_batch=op.micro_batch)
             elif isinstance(op, Gradients):
                 job = self.engine.submit(self.row, "gradients")
             else:
@@ -212,7 +230,7 @@ class DistRuntime:
                 return None
             self.wall_per_step.append(seconds / job.steps)
             self.inner_steps += job.steps
-            self.tokens += job.steps * self.row.tokens_per_step
+            self.tokens += job.steps * job.tokens_per_step
             return result[0] if isinstance(op, Gradients) else result
         if isinstance(op, Wait):
             result = self._wait(op.handle)
@@ -231,20 +249,24 @@ class DistRuntime:
 
     # -- collectives ----------------------------------------------------------------------
     # collectives.plan decides the scheme and the bytes; here each scheme's real exchange.
-    def start_all_reduce(self, tensors, codec) -> Handle:
-        M = self.job.M
+    def start_all_reduce(self, tensors, codec, group=None) -> Handle:
+        members = tuple(range(self.job.M)) if group is None else tuple(sorted(group))
+        if members not in self.groups:
+            raise RuntimeError(f"all-reduce over group {members}, which the algorithm did not "
+                               "declare in groups()")
+        M, me = len(members), members.index(self.spec.worker)
         flat = flatten(tensors).to(self.device)
         plan = collectives.plan(codec, M, flat.numel())
-        handle = Handle("all_reduce", state={"like": tensors, "plan": plan})
+        handle = Handle("all_reduce", state={"like": tensors, "plan": plan, "group": members})
         self.collective_bytes += plan.bytes_per_rank
-        ring_next = (self.spec.worker + 1) % M
+        ring_next = members[(me + 1) % M]
         if self.job.workers[ring_next].region != self.job.workers[self.spec.worker].region:
             self.collective_inter += plan.bytes_per_rank
         self.peak_payload = max(self.peak_payload, plan.payload_bytes)
         if M == 1:
             handle.done, handle.result = True, unflatten(plan.reduce([flat]), tensors)
             return handle
-        group = self.workers_group
+        group = self.groups[members]
         if plan.scheme == "ring":
             handle.state |= {"flat": flat, "work": dist.all_reduce(flat, group=group, async_op=True)}
         elif plan.scheme == "gather":
@@ -268,13 +290,14 @@ class DistRuntime:
             if not block and not work.is_completed():
                 continue
             self._finish_work(work)
-            plan, M = handle.state["plan"], self.job.M
+            plan = handle.state["plan"]
+            M = plan.M
             size = plan.codec.nbytes(plan.chunk)
             mine = handle.state["received"].view(M, size)
             mean = collectives.mean_in_rank_order([plan.codec.decode(b, plan.chunk) for b in mine])
             out = torch.empty(M * size, dtype=torch.uint8, device=self.device)
-            handle.state |= {"out": out, "phase": 2,
-                             "work": _all_gather(out, plan.codec.encode(mean), self.workers_group)}
+            handle.state |= {"out": out, "phase": 2, "work": _all_gather(
+                out, plan.codec.encode(mean), self.groups[handle.state["group"]])}
             self.scattering.remove(handle)
 
     def _finish_work(self, work) -> None:
@@ -295,7 +318,8 @@ class DistRuntime:
         if handle.state.get("phase") == 1:
             self.advance_collectives(block=True)
         self._finish_work(handle.state["work"])
-        plan, M = handle.state["plan"], self.job.M
+        plan = handle.state["plan"]
+        M = plan.M
         if plan.scheme == "ring":
             flat = handle.state["flat"].div_(M)
         elif plan.scheme == "gather":
