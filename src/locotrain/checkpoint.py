@@ -3,6 +3,7 @@ plus a small JSON of metadata: the resolved config, the vocabulary and where tra
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -51,3 +52,47 @@ def load_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], Config, str
         raise UserError(f"checkpoint weights '{weights}' are corrupt ({e}); re-run training "
                         "or restore the file") from None
     return params, cfg, vocab, meta
+
+
+# --------------------------------------------------------------------------- run state
+# What a run needs to continue (run.py decides what goes in): tensors in one safetensors
+# file, everything else in state.json, which names the file and its SHA-256. The tensors are
+# written first under a new name and state.json last, both atomically, so a crash at any
+# point leaves the previous checkpoint whole.
+
+STATE_DIR, STATE_META = "checkpoint", "state.json"
+STATE_FORMAT = 1
+
+
+def save_run_state(out: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    folder = out / STATE_DIR
+    name = f"state-{meta['events']}.safetensors"
+    blob = st_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
+    atomic_write(folder / name, blob)
+    meta = {"format": STATE_FORMAT, **meta, "tensors": name,
+            "tensors_sha256": hashlib.sha256(blob).hexdigest()}
+    atomic_write(folder / STATE_META, json.dumps(meta))
+    for old in folder.glob("state-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+def load_run_state(out: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of the run's last checkpoint; one clear error if anything is off."""
+    folder = Path(out) / STATE_DIR
+    meta_path = folder / STATE_META
+    if not meta_path.is_file():
+        raise UserError(f"'{out}' holds no checkpoint to resume from ({STATE_DIR}/{STATE_META}); "
+                        "runs write one when interrupted or every train.checkpoint_every tokens")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}")
+        blob = (folder / meta["tensors"]).read_bytes()
+        if hashlib.sha256(blob).hexdigest() != meta["tensors_sha256"]:
+            raise ValueError(f"{meta['tensors']} does not match its checksum")
+        tensors = st_load(blob)
+    except (ValueError, KeyError, TypeError, OSError, SafetensorError, UnicodeDecodeError) as e:
+        raise UserError(f"checkpoint in '{folder}' is corrupt ({e}); re-run training or restore "
+                        "the folder") from None
+    return tensors, meta

@@ -73,6 +73,9 @@ class TrainConfig:
     seed: int = 0
     device: str = choice("auto", "auto", "cpu", "cuda")
     compile: bool = False  # torch.compile the loss (CUDA only)
+    # Tokens between checkpoints (simulated runs; `loco resume DIR` continues from the last
+    # one). 0 = none on a schedule; an interrupted run (Ctrl-C, SIGTERM) always writes one.
+    checkpoint_every: int = 0
 
 
 @dataclass

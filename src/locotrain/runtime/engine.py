@@ -76,6 +76,7 @@ class Job:
     loss: torch.Tensor | None = None
     result: object = None
     finished: bool = False
+    seq: int = 0  # submission order in its engine: how a resumed run finds it again
 
     @property
     def batch(self) -> int:
@@ -143,9 +144,13 @@ class Engine:
         self._banks: dict[tuple, Bank] = {}
         self._first: dict[int, list] = {}  # bank id -> initial params of its rows
         self.pending: list[Job] = []
+        self.submitted = 0
         self.chunks: list[tuple[int, int, float]] = []  # (workers, steps, host seconds)
         self.on_step = None  # called after every inner step (the real runtime's progress hook)
         self._clip, self._adamw, self._lion = clip_stacked, adamw_stacked, lion_stacked
+        # While a resumed run replays its way to the checkpoint, jobs only advance the
+        # counters; the checkpoint then puts the state back (runtime/snapshot.py).
+        self.replaying = False
 
     def compile(self) -> None:
         """Fuse the optimizer's element-wise work (dozens of kernels per tensor otherwise)."""
@@ -185,8 +190,9 @@ class Engine:
                grads=None, batch_size=None, micro_batch=None) -> Job:
         if row.job is not None:
             raise RuntimeError(f"worker {row.index} submitted a job while one is pending")
+        self.submitted += 1
         job = Job(row, kind, steps, progress, progress_end, grads, batch_size or 0,
-                  micro_batch or 0)
+                  micro_batch or 0, seq=self.submitted)
         row.job = job
         self.pending.append(job)
         return job
@@ -208,13 +214,15 @@ class Engine:
     def _group(self, job: Job) -> list[Job]:
         """The pending jobs that can run together with `job`: same kind, same model, same
         batch size and inner-optimizer constants (the learning rate and decay may differ)."""
-        if self.mode == "sequential":
+        if self.mode == "sequential" or self.replaying:  # a replay runs only what is asked for
             return [job]
         key = _group_key(job)
         group = [j for j in self.pending if _group_key(j) == key]
         return sorted(group, key=lambda j: j.row.slot)
 
     def _run(self, group: list[Job]) -> None:
+        if self.replaying:
+            return self._skip(group)
         started = time.perf_counter()
         rows = [j.row for j in group]
         bank = rows[0].bank
@@ -233,6 +241,86 @@ class Engine:
                 if j.kind == "train":
                     j.result = j.loss
         self.chunks.append((len(group), steps, time.perf_counter() - started))
+
+    def _skip(self, group: list[Job]) -> None:
+        """A replayed job: the counters move as if it ran; its results are placeholders of
+        the right shapes (overwritten from the checkpoint when it matters)."""
+        for j in group:
+            r = j.row
+            steps = j.steps - j.done
+            if j.kind != "gradients":
+                r.steps += steps
+                r.optimizer_steps += steps
+            loss = torch.zeros((), device=r.bank.device)
+            j.loss = loss if j.loss is None else j.loss + loss
+            j.done, j.finished, r.job = j.steps, True, None
+            self.pending.remove(j)
+            if j.kind == "train":
+                j.result = j.loss
+            elif j.kind == "gradients":
+                j.result = ([torch.zeros_like(p) for p in r.params.values()], loss)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state(self, rows: list[Row]) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything these workers' training depends on: their parameters, optimizer moments,
+        counters and random streams (views). A job may be part-way done: its steps so far are
+        in the state, and `job_states` keeps how far it got."""
+        tensors, counters = {}, []
+        for i, r in enumerate(rows):
+            for n in r.bank.names:
+                tensors[f"w{i}.params.{n}"] = r.bank.params[n][r.slot]
+            for kind, ts in r.bank.moments.items():
+                for n, t in zip(r.bank.names, ts):
+                    tensors[f"w{i}.{kind}.{n}"] = t[r.slot]
+            tensors[f"w{i}.data_stream"] = r.data_stream.get_state()
+            tensors[f"w{i}.noise_stream"] = r.noise_stream.get_state()
+            counters.append({"steps": r.steps, "optimizer_steps": r.optimizer_steps})
+        return tensors, {"rows": counters}
+
+    def load_state(self, rows: list[Row], tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        mine, _ = self.state(rows)
+        if set(mine) != set(tensors) or len(meta["rows"]) != len(rows):
+            raise ValueError("the checkpoint's workers or model do not match this run's")
+        with torch.no_grad():
+            for name, t in mine.items():
+                if not name.endswith("_stream"):
+                    t.copy_(tensors[name])
+        for i, (r, m) in enumerate(zip(rows, meta["rows"])):
+            r.steps, r.optimizer_steps = m["steps"], m["optimizer_steps"]
+            r.data_stream.set_state(tensors[f"w{i}.data_stream"])
+            r.noise_stream.set_state(tensors[f"w{i}.noise_stream"])
+
+    def job_states(self, jobs: list[Job]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+        """How far these submitted jobs got, and the results of those that finished (a job
+        can finish early, batched with another worker's, before its worker collects it)."""
+        tensors, states = {}, []
+        for i, j in enumerate(jobs):
+            states.append({"seq": j.seq, "done": j.done, "finished": j.finished})
+            if j.loss is not None:
+                tensors[f"job{i}.loss"] = j.loss
+            if j.finished and j.kind == "gradients":
+                for k, g in enumerate(j.result[0]):
+                    tensors[f"job{i}.grad{k}"] = g
+        return tensors, states
+
+    def load_job_states(self, jobs: list[Job], tensors: dict, states: list[dict]) -> None:
+        """Put the saved progress back into the replayed run's jobs (the same submissions)."""
+        if [j.seq for j in jobs] != [st["seq"] for st in states]:
+            raise ValueError("the replay submitted other jobs than the checkpointed run")
+        for i, (j, st) in enumerate(zip(jobs, states)):
+            j.done, j.finished = st["done"], st["finished"]
+            j.loss = tensors.get(f"job{i}.loss")
+            if j.loss is not None:
+                j.loss = j.loss.to(j.row.bank.device)
+            if j.finished:
+                if j in self.pending:
+                    self.pending.remove(j)
+                j.row.job = None
+                j.result = j.loss if j.kind == "train" else None
+                if j.kind == "gradients":
+                    grads = [tensors[f"job{i}.grad{k}"].to(j.row.bank.device)
+                             for k in range(len(j.row.params))]
+                    j.result = (grads, j.loss)
 
     def _steps(self, group, rows, params, moments, steps):
         kind = group[0].kind

@@ -29,10 +29,11 @@ import torch
 
 from ..cluster import Cluster
 from ..codecs import Codec, flatten, unflatten
-from . import collectives
+from . import collectives, snapshot
 from .api import (Algorithm, Apply, Context, Gradients, Handle, Job, Message, Recv, ServerStep,
                   Train, Wait)
 from .engine import Engine, Row
+from .engine import Job as EngineJob
 from .network import Network
 from ..metrics import replica_spread
 
@@ -132,6 +133,12 @@ class SimRuntime:
         self.peak_payload = 0
         self._replicas: dict[int, dict[int, torch.Tensor]] = {}  # round -> worker -> replica
         self.replica_spread: float | None = None
+        self.events_done = 0
+        self.pause = None  # called with the runtime after every event: checkpoints, interrupts
+        # Small values that algorithms exchange and may branch on (a norm test's statistics,
+        # message metadata), in order: a checkpoint keeps them and a replay feeds them back.
+        self.exchanged: list = []
+        self._replay: dict | None = None
 
     # -- the loop -------------------------------------------------------------------
     def run(self) -> None:
@@ -158,6 +165,12 @@ class SimRuntime:
                 if isinstance(value, _Finished) and not value.job.finished:
                     yield value.job
                 self._drive(proc, value)
+            self.events_done += 1
+            if self._replay is not None and self.events_done == self._replay["until"]:
+                restore, self._replay = self._replay["restore"], None
+                restore()
+            elif self._replay is None and self.pause is not None:
+                self.pause(self)
         stuck = [f"{p.name} (waiting on {type(p.waiting).__name__})" for p in self.procs if not p.done]
         if stuck:
             raise RuntimeError(f"simulation deadlocked at t={self.time:.3f}s: {', '.join(stuck)}")
@@ -194,7 +207,8 @@ class SimRuntime:
                     batch_size=op.batch_size, micro_batch=op.micro_batch))
                 return
             if isinstance(op, Gradients):
-                self._compute(proc, self.engine.submit(proc.worker, "gradients"))
+                self._compute(proc, self.engine.submit(proc.worker, "gradients", batch_size=op.batch_size,
+                                                       micro_batch=op.micro_batch))
                 return
             if isinstance(op, Apply):  # part of the step Gradients already timed
                 job = self.engine.submit(proc.worker, "apply", grads=op.grads, progress=op.progress)
@@ -258,7 +272,8 @@ class SimRuntime:
         if len(coll["parts"]) < len(members):
             return handle
         plan = collectives.plan(codec, len(members), flat.numel())
-        coll["result"] = plan.reduce([coll["parts"][m] for m in members])
+        coll["result"] = self._exchanged("coll", flat.numel(),
+                                         lambda: plan.reduce([coll["parts"][m] for m in members]))
         coll["joined"] = self.time
         self.peak_payload = max(self.peak_payload, plan.payload_bytes)
         hosts = [self.job.worker_name(m) for m in members]
@@ -282,8 +297,10 @@ class SimRuntime:
         if dst not in self.by_name:
             raise RuntimeError(f"{proc.name} sent to unknown process '{dst}'")
         flat = flatten(tensors)
-        flat = flat.clone() if codec.lossless else codec.roundtrip(flat)
-        msg = Message(proc.name, unflatten(flat, tensors), dict(meta), self.time)
+        flat = self._exchanged("msg", flat.numel(),
+                               lambda: flat.clone() if codec.lossless else codec.roundtrip(flat))
+        meta = self._exchanged("meta", 0, lambda: dict(meta))
+        msg = Message(proc.name, unflatten(flat, tensors), meta, self.time)
         nbytes = (codec.nbytes(flat.numel()) if tensors else 0) + HEADER_BYTES
         self.peak_payload = max(self.peak_payload, nbytes)
         handle = Handle("send")
@@ -333,6 +350,48 @@ class SimRuntime:
         proc.span("blocked", split, self.time)
         proc.waiting = None
         self._schedule(self.time, proc, value)
+
+    # -- checkpoints ----------------------------------------------------------------
+    SMALL = 4096  # values: exchanges up to this size are recorded for replays
+
+    def _exchanged(self, kind: str, numel: int, compute):
+        """A value some process receives (a collective's result, a message's payload or
+        metadata): computed, and recorded when small; during a replay, taken from the record
+        instead, so that the replay branches as the original run did."""
+        small = kind == "meta" or numel <= self.SMALL
+        if self._replay is not None and small:
+            recorded_kind, value = self._replay["exchanged"].popleft()
+            if recorded_kind != kind:
+                raise RuntimeError(f"the replay exchanged a {kind} where the run exchanged a "
+                                   f"{recorded_kind}")
+            return value if kind == "meta" else torch.tensor(value, dtype=torch.float32)
+        value = compute()
+        if small:
+            self.exchanged.append((kind, value if kind == "meta" else value.tolist()))
+        return value
+
+    def roots(self) -> list:
+        """Where the state of a paused run lives (runtime/snapshot.py walks it)."""
+        return [[(p.gen, p.mailbox, p.waiting) for p in self.procs], self._heap,
+                self._collectives, self._messages, self._replicas,
+                self.recorder.last[0] if self.recorder.last else None]
+
+    def unconsumed_jobs(self) -> list:
+        """Compute jobs submitted and not yet handed back to their worker, in submission order."""
+        return sorted((v.job for *_, v in self._heap if isinstance(v, _Finished)),
+                      key=lambda j: j.seq)
+
+    def checkpoint_state(self) -> tuple[list[torch.Tensor], dict]:
+        tensors = snapshot.tensors_in(self.roots())
+        return tensors, {"events": self.events_done, "time": self.time, "tokens": self.tokens,
+                         "inner_steps": self.inner_steps, "replica_spread": self.replica_spread,
+                         "exchanged": self.exchanged, "shapes": snapshot.shapes(tensors)}
+
+    def replay(self, state: dict, restore) -> None:
+        """Run without arithmetic up to the checkpointed event, then call `restore`."""
+        self._replay = {"until": state["events"], "restore": restore,
+                        "exchanged": deque((k, v) for k, v in state["exchanged"])}
+        self.exchanged = [tuple(e) for e in state["exchanged"]]
 
     # -- records --------------------------------------------------------------------
     def _record_replica(self, proc: _Proc, params) -> None:
@@ -399,3 +458,9 @@ class _Timeout:
 class _Finished:
     """A compute span ended: hand the job's result back and count what was done."""
     job: object
+
+
+# A paused run's tensors live in the processes' generators and in what is in flight; the
+# runtime's own objects are rebuilt by a replay, and the engine saves the workers' state.
+snapshot.skip(_Proc, _SimContext, SimRuntime, Row, Engine, EngineJob, Network, Cluster,
+              Algorithm, Job, Codec)
