@@ -79,8 +79,8 @@ def test_out_under_a_regular_file_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("code,fragment", [
     (errno.ENOSPC, "free some space"),
-    (errno.EACCES, "fix the permissions"),
-    (errno.EROFS, "read-only"),
+    (errno.EACCES, "fix its permissions"),
+    (errno.EROFS, "on a disk you can write to"),
 ])
 def test_failing_writes_are_one_line_and_leave_no_temporary_file(tmp_path, capsys,
                                                                  monkeypatch, code, fragment):
@@ -124,32 +124,52 @@ def test_sigterm_leaves_a_marked_incomplete_run_that_is_refused(tmp_path, capsys
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == f"loco: interrupted; {out} holds an incomplete run"
     status = json.loads((out / "status.json").read_text())
-    assert status["state"] == "interrupted" and not status["complete"] and status["by"] == "SIGTERM"
+    assert status["state"] == "interrupted" and not status["complete"]
     assert not (out / "summary.json").exists()
+    assert (out / "checkpoint").is_dir()  # run.py's, for `loco resume`
     one_error_line(capsys, ["run", "--quiet", "--out", str(out), *sets()],
                    "holds an interrupted (incomplete) run", "--force", "another --out")
     assert run(["run", "--quiet", "--force", "--out", str(out), *sets()], capsys)[0] == 0
-    assert not (out / "status.json").exists() and (out / "summary.json").exists()
+    assert (out / "summary.json").exists()
+    assert not (out / "status.json").exists() and not (out / "checkpoint").exists()
 
 
-def test_sigterm_during_compare_marks_the_comparison_and_the_unfinished_run(tmp_path, capsys,
-                                                                            monkeypatch):
+def test_a_folder_left_by_a_crash_or_kill_is_called_incomplete(tmp_path, capsys):
+    out = tmp_path / "run"  # what SIGKILL or a power cut leaves: no summary.json, no marker
+    out.mkdir()
+    (out / "config.toml").write_text("")
+    (out / "metrics.jsonl").write_text("")
+    one_error_line(capsys, ["run", "--quiet", "--out", str(out), *sets()],
+                   "holds an incomplete run (no summary.json", "--force")
+
+
+@pytest.mark.parametrize("argv,marked", [
+    (["compare", "--algorithms", "ddp,diloco"], [".", "ddp"]),  # diloco never started
+    (["sweep", "--grid", "train.lr=0.001,0.002"], ["lr-0.001", "lr-0.002"]),
+])
+def test_sigterm_during_compare_or_sweep_marks_every_unfinished_folder(tmp_path, capsys,
+                                                                       monkeypatch, argv, marked):
     from locotrain.run import Simulation
 
-    def killed(self):  # SIGTERM arrives as the first algorithm finishes training
+    def killed(self):  # SIGTERM arrives as the first simulation finishes training
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises before this ends
 
+    def unhandled(signum, frame):  # rather than let the default action end pytest
+        raise AssertionError("loco left SIGTERM to its default action: the process would die")
+
     monkeypatch.setattr(Simulation, "finish", killed)
-    before = signal.getsignal(signal.SIGTERM)
-    out = tmp_path / "cmp"
-    code, _, err = run(["compare", "--quiet", "--out", str(out), "--algorithms", "ddp,diloco",
-                        *sets("algorithm.diloco.H=8")], capsys)
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        out = tmp_path / "out"
+        code, _, err = run([*argv, "--quiet", "--out", str(out), *sets("algorithm.diloco.H=8")],
+                           capsys)
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # restored for main()'s caller
+    finally:
+        signal.signal(signal.SIGTERM, before)
     assert code == 130 and err.strip() == f"loco: interrupted; {out} holds an incomplete run"
-    for folder in (out, out / "ddp"):
-        assert json.loads((folder / "status.json").read_text())["by"] == "SIGTERM"
-    assert not (out / "diloco").exists()
-    assert signal.getsignal(signal.SIGTERM) is before  # restored for whoever called main()
+    assert sorted(str(p.parent.relative_to(out)) for p in out.rglob("status.json")) == marked
+    assert json.loads((out / marked[-1] / "status.json").read_text())["state"] == "interrupted"
 
 
 # --------------------------------------------------------------------------- 4. nonsense
@@ -174,6 +194,8 @@ def test_cluster_size_zero_records_the_real_size(tmp_path):
     (["algorithm.name=halos", "algorithm.global_lr=0"], ["algorithm.global_lr must be > 0"]),
     (["model.seq_len=100000"], ["model.seq_len = 100000 is too long",
                                 "the largest model.seq_len that works is"]),
+    (["train.tokens=8200", "algorithm.name=diloco", "algorithm.H=100000"],  # no rounding note
+     ["algorithm.H = 100000"]),
 ])
 def test_nonsense_is_refused_before_anything_is_written(tmp_path, capsys, settings, fragments):
     out = tmp_path / "x"
@@ -181,8 +203,9 @@ def test_nonsense_is_refused_before_anything_is_written(tmp_path, capsys, settin
     assert not out.exists()
 
 
-def test_the_largest_seq_len_named_is_the_largest_that_builds():
-    from locotrain.setup import build
+def test_the_largest_seq_len_named_is_the_largest_that_works():
+    from locotrain.data import load_corpus, val_windows
+    from locotrain.setup import MIN_VAL_WINDOWS, build
 
     with pytest.raises(UserError) as e:
         build(tiny_config("model.seq_len=100000"))
@@ -190,6 +213,9 @@ def test_the_largest_seq_len_named_is_the_largest_that_builds():
     build(tiny_config(f"model.seq_len={largest}", "train.tokens=1000000"))
     with pytest.raises(UserError, match="too long"):
         build(tiny_config(f"model.seq_len={largest + 1}", "train.tokens=1000000"))
+    val = load_corpus("", 0.9).val  # windows are seq_len + 1 long; one worker: val binds
+    assert len(val_windows(val, largest + 1)) == MIN_VAL_WINDOWS
+    assert len(val_windows(val, largest + 2)) < MIN_VAL_WINDOWS
 
 
 def test_a_budget_between_steps_is_rounded_up_with_one_note(tmp_path, capsys):
@@ -197,8 +223,7 @@ def test_a_budget_between_steps_is_rounded_up_with_one_note(tmp_path, capsys):
     code, _, err = run(["run", "--quiet", "--out", str(out), *sets("train.tokens=8200")], capsys)
     assert code == 0
     assert err.count("loco: note:") == 1
-    assert "train.tokens = 8,200 is not a whole number of inner steps" in err
-    assert "training 8,320" in err
+    assert "train.tokens = 8,200 was rounded up to 8,320, a whole number of inner steps" in err
     assert json.loads((out / "summary.json").read_text())["tokens"] == 8320
 
 

@@ -6,6 +6,7 @@ import math
 
 import matplotlib.pyplot as plt
 import pytest
+import torch
 from matplotlib.container import ErrorbarContainer
 
 from locotrain import report
@@ -50,7 +51,13 @@ def markers(ax):
 
 
 def legend_texts(legend):
-    return [t.get_text() for t in legend.get_texts()]
+    return [t.get_text() for t in legend.get_texts() if t.get_text()]
+
+
+def curve_legend(fig):
+    """The curves' legend sits under the plot, never over a curve."""
+    assert fig.axes[0].get_legend() is None and len(fig.legends) == 1
+    return legend_texts(fig.legends[0])
 
 
 # --------------------------------------------------------------------------- loss curves
@@ -65,7 +72,7 @@ def test_final_evaluation_is_one_full_point_and_subset_points_are_hollow():
     assert len(xs) == len(set(xs)) == 3  # the last partial evaluation gives way to the final
     assert pts[-1] == (2000, pytest.approx(3.48), False)  # the final: filled
     assert all(hollow for x, _, hollow in pts if x < 2000)  # the subset ones: hollow
-    labels = legend_texts(ax.get_legend())
+    labels = curve_legend(fig)
     assert "all 1716 validation windows" in labels
     assert any("subset: 200 windows" in t for t in labels)
     assert ax.get_title().splitlines() == ["diloco", "validation bpc against training tokens"]
@@ -75,7 +82,7 @@ def test_final_evaluation_is_one_full_point_and_subset_points_are_hollow():
 def test_no_subset_note_when_every_evaluation_uses_all_windows():
     fig = report.curves_figure({"ddp": evals_of([6.0, 4.0], windows=1716)}, "tokens",
                                "training tokens", "ddp")
-    assert not any("subset" in t for t in legend_texts(fig.axes[0].get_legend()))
+    assert not any("subset" in t for t in curve_legend(fig))
     assert not any(hollow for *_, hollow in markers(fig.axes[0]))
 
 
@@ -86,7 +93,9 @@ def test_comparison_title_names_what_is_compared():
     title = fig.axes[0].get_title()
     assert "quickstart: ddp vs diloco vs streaming+codec=fp4" in title.replace("\n", " ")
     assert title.endswith("validation bpc against simulated time")
-    assert legend_texts(fig.axes[0].get_legend())[:3] == list(runs)
+    assert [t for t in curve_legend(fig) if "windows" not in t] == list(runs)
+    ends = sorted(t.get_text() for t in fig.axes[0].texts)
+    assert ends == ["3.280", "3.380", "3.480"]  # each run's final value at the right
 
 
 def test_bytes_axis_is_logarithmic_from_the_first_nonzero_value():
@@ -110,12 +119,13 @@ def test_diffusion_curve_is_an_upper_bound_with_error_bars():
     assert "upper bound" in ax.get_ylabel()
     bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     assert len(bars) == 1 and len(bars[0].lines[2][0].get_segments()) == 3
+    assert [t.get_text() for t in ax.texts] == ["\u2264 4.480 \u00b10.010"]
 
 
 def test_mixed_comparison_marks_the_bound_in_the_legend():
     runs = {"ar": evals_of([6.0, 3.3]), "diffusion": evals_of([6.0, 4.3], bound=True)}
     fig = report.curves_figure(runs, "tokens", "training tokens", "workloads")
-    labels = legend_texts(fig.axes[0].get_legend())
+    labels = curve_legend(fig)
     assert "ar" in labels and "diffusion (\u2264 upper bound)" in labels
     assert "where marked" in fig.axes[0].get_ylabel()
 
@@ -129,11 +139,11 @@ def spans_of(process, *items):
 
 def test_time_shares():
     spans = (spans_of("w0", ("compute", 0, 8), ("blocked", 8, 10), ("comm", 7, 10))
-             + spans_of("w1", ("compute", 0, 5), ("idle", 5, 10)))
+             + spans_of("w1", ("compute", 1, 5), ("idle", 5, 10)))
     shares = report.time_shares(spans)
-    assert shares["w0"] == pytest.approx({"compute": 0.8, "blocked": 0.2, "idle": 0.0,
+    assert shares["w0"] == pytest.approx({"compute": 0.8, "blocked": 0.2, "idle": 0.0, "gap": 0.0,
                                           "comm": 0.3, "comm_hidden": 1 / 3})
-    assert shares["w1"] == pytest.approx({"compute": 0.5, "blocked": 0.0, "idle": 0.5})
+    assert shares["w1"] == pytest.approx({"compute": 0.4, "blocked": 0.0, "idle": 0.5, "gap": 0.1})
 
 
 def test_timeline_legend_is_outside_and_complete_with_shares_and_comm_lane():
@@ -148,6 +158,7 @@ def test_timeline_legend_is_outside_and_complete_with_shares_and_comm_lane():
     assert texts[0].startswith("80% compute \u00b7 20% blocked \u00b7 0% idle")
     assert "30% on the wire, 33% of it hidden" in texts[0]
     assert "100% of it hidden" in texts[1]
+    assert "gap" not in texts[0] + texts[1]
     comm = [c for c in ax.collections
             if tuple(c.get_facecolor()[0][:3]) == pytest.approx(
                 tuple(int(report.COLORS["comm"][i:i + 2], 16) / 255 for i in (1, 3, 5)))]
@@ -156,9 +167,11 @@ def test_timeline_legend_is_outside_and_complete_with_shares_and_comm_lane():
     assert ax.get_title().startswith("streaming+codec=fp4")
 
 
-def test_timeline_without_comm_spans_has_no_comm_entry():
-    fig = report.timeline_figure(spans_of("w0", ("compute", 0, 1)), "ddp", clock="wall-clock")
-    assert [t.split()[0] for t in legend_texts(fig.legends[0])] == ["compute", "blocked", "idle"]
+def test_real_process_timeline_has_no_comm_entry_and_names_its_gaps():
+    spans = spans_of("w0", ("compute", 0, 1)) + spans_of("w1", ("compute", 0, 0.5), ("compute", 0.75, 1))
+    fig = report.timeline_figure(spans, "ddp", clock="wall-clock")
+    assert [t.split()[0] for t in legend_texts(fig.legends[0])] == ["compute", "blocked", "idle", "gap:"]
+    assert fig.axes[0].texts[1].get_text().endswith("25% gap")
     assert "wall-clock" in fig.axes[0].get_xlabel()
 
 
@@ -227,9 +240,8 @@ class Terminal(io.StringIO):
 def drive(recorder, total=1000, step=250):
     for tokens in range(0, total + 1, step):
         if tokens:
-            import torch
             recorder.on_train(step, 1, torch.tensor(1.0))
-        recorder.publish([0], tokens, tokens // step, lambda: {})
+        recorder.publish([0], tokens, tokens // step, dict)
     return recorder.finish()
 
 
@@ -276,7 +288,7 @@ def test_windows_progress_of_the_real_workloads(workload):
     calls = []
     result = evaluate_with_progress(wl, params, 40, lambda done, total: calls.append((done, total)))
     assert calls[0] == (0, 40) and calls[-1] == (40, 40)
-    assert all(total == 40 for _, total in calls) and len(calls) > 2
+    assert all(total == 40 for _, total in calls) and len(calls) >= 2
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
     assert "_forward" not in vars(wl) and "val_windows" not in vars(wl)  # unhooked
     assert result.val_bpc == wl.evaluate(params, 40).val_bpc

@@ -37,8 +37,8 @@ def cmd_run(args) -> None:
 
     name, cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else _default_out(name, cfg.algorithm.name)
-    _note_rounding(cfg)
     s = train(cfg, out, force=args.force, quiet=args.quiet)
+    _note_rounding(cfg)
     bound = "<= " if "final_val_bpc_stderr" in s else ""
     print(f"{cfg.algorithm.name} on {s['workers']} worker(s), {s['params']:,} params, "
           f"{s['tokens']:,} tokens: final val {bound}{s['final_val_bpc']:.4f} bpc "
@@ -48,7 +48,7 @@ def cmd_run(args) -> None:
 
 def _note_rounding(cfg) -> None:
     """Every algorithm spends train.tokens in whole inner steps of all workers, rounding up:
-    say so once, before training, rather than let the summary's token count surprise."""
+    say so once, after training (before, it would make an error two lines)."""
     from .cluster import Cluster
 
     workers = Cluster(cfg.cluster, cfg.train.batch_size).workers
@@ -56,8 +56,8 @@ def _note_rounding(cfg) -> None:
     tokens = cfg.train.tokens
     if tokens > per_step and tokens % per_step:  # (below one step, setup.build says so)
         rounded = -(-tokens // per_step) * per_step
-        print(f"loco: note: train.tokens = {tokens:,} is not a whole number of inner steps of "
-              f"all workers ({per_step:,} tokens each); training {rounded:,}", file=sys.stderr)
+        print(f"loco: note: train.tokens = {tokens:,} was rounded up to {rounded:,}, a whole "
+              f"number of inner steps of all workers ({per_step:,} tokens each)", file=sys.stderr)
 
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:
@@ -88,7 +88,6 @@ def cmd_compare(args) -> None:
         build(c)
         configs[spec] = c
     out = Path(args.out) if args.out else _default_out(name, "compare")
-    _note_rounding(cfg)
     if (out / "comparison.md").exists() and not args.force:
         raise UserError(f"'{out}' already holds a comparison; pass --force or another --out")
     prepare_out_dir(out, args.force)
@@ -108,6 +107,7 @@ def cmd_compare(args) -> None:
     report.plot_curves(out / "loss_vs_bytes.png", evals, "bytes_sent", "bytes sent", name, logx=True)
     atomic_write(out / "comparison.md", f"# {name}: {', '.join(variants)}\n\n{table}")
     atomic_write(out / "summary.json", json.dumps(summaries, indent=2))
+    _note_rounding(cfg)
     print(table)
     print(f"-> {out}")
 
@@ -257,11 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loco: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as e:  # disk full, read-only, no permission, a file where a folder goes
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            raise  # the network's, not the file system's
         print(f"loco: error: {_describe_os_error(e, args)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt as e:
-        print(f"loco: interrupted{_mark_interrupted(e.args[0] if e.args else 'SIGINT')}",
-              file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM (run.py may have saved a checkpoint first)
+        print(f"loco: interrupted{_mark_interrupted()}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         if previous is not None:
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _raise_interrupt(signum, frame):
     """SIGTERM (`kill`, a scheduler's time limit) stops a run the way Ctrl-C does."""
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    raise KeyboardInterrupt
 
 
 def _outputs():
@@ -280,7 +281,7 @@ def _outputs():
     return sys.modules.get(f"{__package__}.outputs")
 
 
-def _mark_interrupted(by: str) -> str:
+def _mark_interrupted() -> str:
     """Mark every run folder this process started and did not finish; say where they are."""
     outputs = _outputs()
     folders = outputs.unfinished() if outputs else []
@@ -290,7 +291,7 @@ def _mark_interrupted(by: str) -> str:
     handlers = [signal.signal(s, signal.SIG_IGN) for s in stop]  # a second ^C: finish marking
     try:
         for folder in folders:
-            outputs.mark_interrupted(folder, by)
+            outputs.mark_interrupted(folder)
     except OSError:
         pass  # the message below still says the run is incomplete
     finally:
@@ -300,26 +301,28 @@ def _mark_interrupted(by: str) -> str:
     return f"; {where} holds an incomplete run"
 
 
+# what to do about a file-system failure; the OS's own words say what went wrong
 _OS_FIXES = {
-    errno.ENOSPC: "the disk is full; free some space or choose another --out",
-    errno.EDQUOT: "the disk quota is used up; free some space or choose another --out",
-    errno.EROFS: "the file system is read-only; choose another --out",
-    errno.EACCES: "no permission; fix the permissions or choose another path",
-    errno.EPERM: "no permission; fix the permissions or choose another path",
-    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
-    errno.EEXIST: "something is already there; remove it or choose another path",
-    errno.ENOENT: "it does not exist; check the path",
+    errno.ENOSPC: "free some space or choose another --out",
+    errno.EDQUOT: "free some space or choose another --out",
+    errno.EROFS: "choose another --out, on a disk you can write to",
+    errno.EACCES: "fix its permissions or choose another path",
+    errno.EPERM: "fix its permissions or choose another path",
 }
 
 
 def _describe_os_error(e: OSError, args) -> str:
-    """'<path>': <problem>; <fix>. A write to an open file has no path: name --out then."""
-    path = e.filename2 or e.filename or getattr(args, "out", None) or "the output folder"
-    blocker = next((p for p in Path(path).parents if p.is_file()), None)
-    if e.errno == errno.ENOTDIR and blocker:  # name the file that is in the way
-        return f"'{blocker}' is a file, so '{path}' cannot be made under it; choose another path"
+    """'<path>': <problem>; <fix>. A write to an open file has no path: name the run folder."""
+    outputs = _outputs()
+    folder = outputs.prepared[-1] if outputs and outputs.prepared else getattr(args, "out", None)
+    path = e.filename2 or e.filename or folder
     fix = _OS_FIXES.get(e.errno, "check the path and the disk")
-    return f"'{path}': {e.strerror or e}; {fix}"
+    if e.errno == errno.ENOTDIR and path:  # name the file that stands where a folder goes
+        blocker = next((p for p in Path(str(path)).parents if p.is_file()), None)
+        if blocker:
+            return f"'{blocker}' is a file, so '{path}' cannot be made under it; choose another path"
+    where = f"'{path}': " if path else ""
+    return f"{where}{e.strerror or e}; {fix}"
 
 
 if __name__ == "__main__":

@@ -3,14 +3,14 @@ and atomic file writes."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 import torch
 from tqdm import tqdm
@@ -54,7 +54,7 @@ class Recorder:
 
     def __init__(self, workload, param_names: list[str], total_tokens: int, every: int,
                  windows: int, metrics_path: Path | None, label: str = "", quiet: bool = False,
-                 *, stream: TextIO | None = None, progress_every_s: float = 10.0):
+                 *, stream: TextIO | None = None, progress_every_s: float = 30.0):
         self.workload = workload
         self.names = param_names
         self.total = total_tokens
@@ -68,6 +68,7 @@ class Recorder:
         self.logs: list[str] = []
         self.loss_sum = None
         self.loss_steps = 0
+        self.tokens_trained = 0
         self.quiet = quiet
         self.label = label
         self.stream = stream if stream is not None else sys.stderr
@@ -80,6 +81,7 @@ class Recorder:
     # -- hooks the runtimes call ------------------------------------------------------
     def on_train(self, tokens: int, steps: int, loss: torch.Tensor) -> None:
         self.bar.update(tokens)
+        self.tokens_trained += tokens
         self.loss_sum = loss.detach() if self.loss_sum is None else self.loss_sum + loss.detach()
         self.loss_steps += steps
 
@@ -164,7 +166,7 @@ class Recorder:
             now = time.perf_counter()
             if not self.tty and now - last >= self.progress_every_s and 0 < done < total:
                 last = now
-                self._say(f"{desc}: {done}/{total} windows ({100 * done / max(1, total):.0f}%), "
+                self._say(f"{desc}: {done}/{total} windows ({100 * done // max(1, total)}%), "
                           f"{now - started:.0f} s")
 
         try:
@@ -179,6 +181,20 @@ class Recorder:
             raise RuntimeError("the algorithm never published a global model")
         params, tokens, updates, snapshot = self.last
         return self._evaluate(params, tokens, updates, snapshot(), final=True)
+
+    # -- checkpoints ------------------------------------------------------------------
+    def state(self) -> dict:
+        """What a resumed run needs to carry on recording (run.py's checkpoints)."""
+        loss = None if self.loss_sum is None else float(self.loss_sum)
+        return {"evals": self.evals, "logs": self.logs, "next_eval": self.next_eval,
+                "loss_sum": loss, "loss_steps": self.loss_steps, "tokens": self.tokens_trained}
+
+    def load_state(self, state: dict) -> None:
+        self.evals, self.logs, self.next_eval = state["evals"], state["logs"], state["next_eval"]
+        self.loss_sum = None if state["loss_sum"] is None else torch.tensor(state["loss_sum"])
+        self.loss_steps = state["loss_steps"]
+        self.tokens_trained = state["tokens"]
+        self.bar.update(state["tokens"])
 
     def _write(self, obj: dict) -> None:
         if self.path is not None:
@@ -196,49 +212,7 @@ def _isatty(stream) -> bool:
 def evaluate_with_progress(workload, named: dict, limit: int,
                            progress: Callable[[int, int], None]):
     """`workload.evaluate(named, limit)`, calling `progress(windows_done, windows_total)` as
-    it goes.
-
-    A workload whose `evaluate` takes a `progress` argument reports itself. For the others
-    (the current workloads.py), the count comes from watching the calls they make: the
-    windows from `val_windows`, then the rows of every `_forward` input (a window is 1 row
-    for a causal model, `eval.samples` rows for the diffusion model; Loopholing's second
-    pass feeds the same input again and is not counted)."""
-    try:
-        takes = "progress" in inspect.signature(workload.evaluate).parameters
-    except (TypeError, ValueError):
-        takes = False
-    if takes:
-        return workload.evaluate(named, limit=limit, progress=progress)
-    if not (hasattr(workload, "val_windows") and hasattr(workload, "_forward")):
-        return workload.evaluate(named, limit=limit)
-    samples = getattr(getattr(getattr(workload, "cfg", None), "eval", None), "samples", 1)
-    per_window = 1 if getattr(workload, "causal", True) else max(1, int(samples))
-    state = {"total": 0, "rows": 0, "last": None}
-    val_windows, forward = workload.val_windows, workload._forward
-
-    def watched_windows(*args, **kwargs):
-        windows = val_windows(*args, **kwargs)
-        state["total"] = len(windows)
-        progress(0, state["total"])
-        return windows
-
-    def watched_forward(params, tokens, *args, **kwargs):
-        out = forward(params, tokens, *args, **kwargs)
-        if tokens is not state["last"] and tokens.dim() >= 2:
-            state["last"] = tokens
-            state["rows"] += tokens.shape[1]  # (models, rows, T)
-            progress(min(state["total"], state["rows"] // per_window), state["total"])
-        return out
-
-    own = {k: vars(workload)[k] for k in ("val_windows", "_forward") if k in vars(workload)}
-    workload.val_windows, workload._forward = watched_windows, watched_forward
-    try:
-        result = workload.evaluate(named, limit=limit)
-    finally:
-        for key in ("val_windows", "_forward"):
-            if key in own:
-                setattr(workload, key, own[key])
-            else:
-                delattr(workload, key)
+    it goes."""
+    result = workload.evaluate(named, limit=limit, progress=progress)
     progress(result.windows, result.windows)
     return result

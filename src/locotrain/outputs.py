@@ -12,14 +12,15 @@ from pathlib import Path
 import torch
 
 from . import report
-from .checkpoint import save_checkpoint
+from .checkpoint import STATE_DIR, save_checkpoint
 from .errors import UserError
 from .metrics import atomic_write
 
 RUN_FILES = ["config.toml", "metrics.jsonl", "summary.json", "model.safetensors",
-             "checkpoint.json", "samples.txt", "timeline.json", "plots", "status.json"]
+             "checkpoint.json", "samples.txt", "timeline.json", "plots", "status.json", STATE_DIR]
 # summary.json is written last: a folder without it holds no finished run. status.json marks
-# a run stopped by a signal (which tokens it had reached); `loco resume` may read it one day.
+# a run stopped by a signal (and which tokens it had reached); STATE_DIR is the checkpoint it
+# may resume from, which --force must remove with the rest.
 FINISHED, STATUS = "summary.json", "status.json"
 
 # The folders this process prepared, so that the CLI can mark those it did not finish when
@@ -61,9 +62,9 @@ def unfinished() -> list[Path]:
     return [out for out in prepared if out.is_dir() and not (out / FINISHED).exists()]
 
 
-def mark_interrupted(out: Path, by: str) -> None:
-    """status.json: the run in `out` stopped (`by` a signal) before it finished, after the
-    tokens of its last evaluation."""
+def mark_interrupted(out: Path) -> None:
+    """status.json: the run in `out` was stopped (Ctrl-C, SIGTERM) before it finished, after
+    the tokens of its last evaluation."""
     tokens = 0
     if (out / "metrics.jsonl").exists():
         for line in (out / "metrics.jsonl").read_text().splitlines():
@@ -72,7 +73,7 @@ def mark_interrupted(out: Path, by: str) -> None:
             except ValueError:  # a line cut short by the interruption
                 pass
     atomic_write(out / STATUS, json.dumps({
-        "state": "interrupted", "complete": False, "by": by, "last_eval_tokens": tokens,
+        "state": "interrupted", "complete": False, "last_eval_tokens": tokens,
         "note": "stopped before the end; metrics.jsonl holds its evaluations up to here",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
 
@@ -133,5 +134,5 @@ def write_outputs(out, cfg, setup, params, summary, recorder, spans: list[dict])
               f"{result.steps_per_char:.3f} model steps per character\n\n")
     atomic_write(out / "samples.txt", header + result.text + "\n")
     atomic_write(out / "timeline.json", json.dumps(spans))
-    report.plot_run(out, recorder.evals, spans, cfg.algorithm.name)
+    report.plot_run(out, recorder.evals, spans, recorder.label or cfg.algorithm.name)
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))

@@ -387,20 +387,26 @@ def plot_sweep(path: Path, keys: list[str], rows: list[tuple[dict, dict, list[di
     values in the order given) and one with every point's curve against tokens."""
     fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4.2 * (len(keys) + 1), 3.8),
                              squeeze=False, constrained_layout=True)
+    bound = "\u2264 " if any(_is_bound(evals) for _, _, evals in rows) else ""
+    fig.suptitle(f"sweep over {', '.join(keys)}: {len(rows)} points"
+                 + (" (masked diffusion: upper bounds)" if bound else ""), fontsize=11)
     for ax, key in zip(axes[0], keys):
         values = list(dict.fromkeys(settings[key] for settings, _, _ in rows))
         xs = [values.index(settings[key]) for settings, _, _ in rows]
-        ax.scatter(xs, [s["best_val_bpc"] for _, s, _ in rows], s=18, alpha=0.8)
+        ax.scatter(xs, [s["best_val_bpc"] for _, s, _ in rows], s=22, alpha=0.85,
+                   c=[f"C{i % 10}" for i in range(len(rows))])  # the curves' colours
         ax.set_xticks(range(len(values)), values)
         ax.set_xlabel(key)
-        ax.set_ylabel("best validation bpc")
+        ax.set_ylabel(f"{bound}best validation bpc")
         ax.grid(alpha=0.3)
     ax = axes[0][-1]
-    for settings, _, evals in rows:
+    for i, (settings, _, evals) in enumerate(rows):
         xs, ys = _curve(evals, "tokens")
-        ax.plot(xs, ys, lw=1, label=", ".join(f"{k.split('.')[-1]}={v}" for k, v in settings.items()))
+        ax.plot(xs, ys, lw=1, color=f"C{i % 10}", label=", ".join(f"{k.split('.')[-1]}={v}" for k, v in settings.items()))
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation bpc")
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.set_ylabel(f"{bound}validation bpc")
+    ax.set_title("every point against training tokens", fontsize=9)
     ax.grid(alpha=0.3)
     if len(rows) <= 12:
         ax.legend(fontsize=7)

@@ -108,19 +108,6 @@ class _Replaying:
         pass
 
 
-def _recorder_state(rec) -> dict:
-    loss = None if rec.loss_sum is None else float(rec.loss_sum)
-    return {"evals": rec.evals, "logs": rec.logs, "next_eval": rec.next_eval, "loss_sum": loss,
-            "loss_steps": rec.loss_steps, "tokens": rec.bar.n}
-
-
-def _load_recorder_state(rec, state: dict) -> None:
-    rec.evals, rec.logs, rec.next_eval = state["evals"], state["logs"], state["next_eval"]
-    rec.loss_sum = None if state["loss_sum"] is None else torch.tensor(state["loss_sum"])
-    rec.loss_steps = state["loss_steps"]
-    rec.bar.update(state["tokens"])
-
-
 class Interrupted(KeyboardInterrupt):
     """A run stopped by a signal after writing its checkpoint."""
 
@@ -210,7 +197,7 @@ class Simulation:
         tensors["rng/torch"] = torch.get_rng_state()
         metrics = self.out / "metrics.jsonl"
         meta = {"events": sim_meta["events"], "sim": sim_meta, "engine": engine_meta, "jobs": jobs,
-                "recorder": _recorder_state(self.recorder),
+                "recorder": self.recorder.state(),
                 "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0,
                 "config_sha256": hashlib.sha256((self.out / "config.toml").read_bytes()).hexdigest()}
         save_run_state(self.out, tensors, meta)
@@ -232,7 +219,7 @@ class Simulation:
         self.engine.load_state(self.rows, engine, meta["engine"])
         jobs = {k.removeprefix("jobs/"): v for k, v in tensors.items() if k.startswith("jobs/")}
         self.engine.load_job_states(self.runtime.unconsumed_jobs(), jobs, meta["jobs"])
-        _load_recorder_state(self.recorder, meta["recorder"])
+        self.recorder.load_state(meta["recorder"])
         torch.set_rng_state(tensors["rng/torch"])
         self.runtime.replica_spread = sim["replica_spread"]
 

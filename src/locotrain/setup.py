@@ -42,6 +42,7 @@ def build(cfg: Config) -> Setup:
     device = pick_device(cfg.train.device)
     corpus = load_corpus(cfg.data.path, cfg.data.train_fraction)
     cluster = Cluster(cfg.cluster, cfg.train.batch_size)
+    check_seq_len(cfg.model.seq_len, corpus, cluster.M)
     workload = build_workload(cfg, corpus, device)
     settings = cfg.algorithm.settings
     check_outer_optimizer(settings)
@@ -59,8 +60,10 @@ def build(cfg: Config) -> Setup:
         param_shapes=[workload.spec.param_shapes()[n] for n in names],
         total_tokens=cfg.train.tokens, seq_len=cfg.model.seq_len, depth=cfg.model.depth,
     )
-    check_budget(job, getattr(settings, "H", None))
     algorithm = build_algorithm(cfg.algorithm.name, settings, job)
+    # Rounds bind synchronous algorithms only: an asynchronous worker's last task is cut to
+    # the budget, and the fastest worker runs more steps than the average.
+    check_budget(job, getattr(settings, "H", None) if algorithm.synchronous else None)
     return Setup(cfg, corpus, workload, cluster, job, algorithm)
 
 
@@ -93,7 +96,7 @@ def check_outer_optimizer(settings) -> None:
 
 def check_budget(job: Job, H: int | None) -> None:
     """train.tokens must pay for one inner step of every worker and, for algorithms with
-    rounds, one round of H steps: a smaller budget silently trained a whole step or round."""
+    rounds of H steps, one round: a smaller budget silently trained a whole step or round."""
     per_step = sum(job.tokens_per_step(w.index) for w in job.workers)
     if job.total_tokens < per_step:
         raise UserError(f"train.tokens = {job.total_tokens:,} is less than one inner step of all "

@@ -129,8 +129,9 @@ class Workload(ABC):
         and each model's own random stream (for masks; unused by the AR model)."""
 
     @abstractmethod
-    def evaluate(self, params: Params, limit: int = 0) -> EvalResult:
-        """Validation loss on the fixed windows (`limit` > 0: an evenly spaced subset)."""
+    def evaluate(self, params: Params, limit: int = 0, progress=None) -> EvalResult:
+        """Validation loss on the fixed windows (`limit` > 0: an evenly spaced subset);
+        `progress(windows_done, windows_total)` is called as it goes."""
 
     @abstractmethod
     def sample(self, params: Params, prompt: str, chars: int, generator: torch.Generator) -> SampleResult:
@@ -151,11 +152,15 @@ class ARGPT(Workload):
         return nll.view(len(batch), -1).mean(1)
 
     @torch.no_grad()
-    def evaluate(self, params, limit=0):
+    def evaluate(self, params, limit=0, progress=None):
         windows = self.val_windows(limit)
         params = self.stack(params)
         total, count = 0.0, 0
+        done = 0
         for chunk in windows.split(self.cfg.eval.batch_size):
+            if progress is not None:
+                progress(done, len(windows))
+            done += len(chunk)
             logits = self._forward(params, chunk[None, :, :-1])[0][0]
             nll = F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none")
             nll = nll[:, self.score_from:]
@@ -241,7 +246,7 @@ class MaskedDiffusion(Workload):
         return self._masked_nll(params, x, torch.stack(masks), True, two_pass).mean(-1)
 
     @torch.no_grad()
-    def evaluate(self, params, limit=0):
+    def evaluate(self, params, limit=0, progress=None):
         """NELBO in the exact-count form, `eval.samples` stratified draws per window.
 
         Standard error: the collapsed-strata estimator (pairs of neighbouring strata), which
@@ -256,6 +261,8 @@ class MaskedDiffusion(Workload):
         per_window = torch.empty(W, K, dtype=torch.float64)
         rows = max(1, self.cfg.eval.batch_size // K) if K <= self.cfg.eval.batch_size else 1
         for w0 in range(0, W, rows):
+            if progress is not None:
+                progress(w0, W)
             chunk = windows[w0:w0 + rows]
             n = len(chunk)
             x = chunk.repeat_interleave(K, dim=0)  # (n*K, T)

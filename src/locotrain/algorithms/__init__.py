@@ -17,6 +17,8 @@ SUMMARIES = {
     "overlap_local_sgd": "Overlap Local-SGD: pull toward a one-round-stale anchor (Wang et al. 2020)",
     "async_local_sgd": "Async Local-SGD: one parameter server, delayed Nesterov, dynamic local updates",
     "halos": "HALoS: local parameter servers per region and one global server",
+    "adloco": "AdLoCo: trainers (DiLoCo groups) with norm-test batch growth, merged by batch demand",
+    "hierarchical": "hierarchical DiLoCo: data-parallel inside each region, DiLoCo across regions",
 }
 ALGORITHMS = tuple(SUMMARIES)
 

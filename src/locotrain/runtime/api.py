@@ -46,7 +46,8 @@ class Train:
 
 @dataclass
 class Gradients:
-    pass
+    batch_size: int | None = None  # as Train's (AdLoCo's norm test reads its last step's gradient)
+    micro_batch: int | None = None
 
 
 @dataclass
@@ -128,8 +129,9 @@ class Context(ABC):
         (accumulation: the same gradient, less memory)."""
         return Train(steps, progress, progress_end, batch_size, micro_batch)
 
-    def gradients(self) -> Gradients:
-        return Gradients()
+    def gradients(self, batch_size: int | None = None, micro_batch: int | None = None) -> Gradients:
+        """One forward/backward, no optimizer step; `batch_size` and `micro_batch` as train's."""
+        return Gradients(batch_size, micro_batch)
 
     def apply(self, grads: Tensors, progress: float | None = None) -> Apply:
         """Clip `grads`, take one inner optimizer step with them (blocking, so that the

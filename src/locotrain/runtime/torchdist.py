@@ -218,7 +218,8 @@ class DistRuntime:
                 job = self.engine.submit(self.row, "train", op.steps, op.progress, op.progress_end,
                                          batch_size=op.batch_size, micro_batch=op.micro_batch)
             elif isinstance(op, Gradients):
-                job = self.engine.submit(self.row, "gradients")
+                job = self.engine.submit(self.row, "gradients", batch_size=op.batch_size,
+                                         micro_batch=op.micro_batch)
             else:
                 job = self.engine.submit(self.row, "apply", grads=op.grads, progress=op.progress)
             result = self.engine.complete(job)
