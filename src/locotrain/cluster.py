@@ -137,6 +137,7 @@ class Worker:
     speed: float  # relative to a reference device of speed 1 (device peak / reference peak)
     batch_size: int
     device: str
+    join_s: float = 0.0
 
 
 class Cluster:
@@ -176,11 +177,14 @@ class Cluster:
                 raise UserError(f"unknown device '{device}'; known: {', '.join(DEVICES)}")
             if spec.speed <= 0 or spec.count < 1 or spec.batch_size < 0:
                 raise UserError("a worker needs speed > 0, count >= 1 and batch_size >= 0")
+            if spec.join_s < 0:
+                raise UserError(f"a worker's join_s must be >= 0, got {spec.join_s}")
             for _ in range(spec.count):
                 self.workers.append(Worker(
                     index=len(self.workers), region=self.regions.index(spec.region),
                     speed=spec.speed * DEVICES[device] / ref_peak,
                     batch_size=spec.batch_size or default_batch, device=device,
+                    join_s=spec.join_s,
                 ))
         if not self.workers:
             raise UserError("the cluster has no workers; add [[cluster.workers]] entries")
@@ -195,6 +199,12 @@ class Cluster:
         self.default_batch = default_batch
         self._slowdowns = self._build_slowdowns(c)
         self._capacity_events = self._build_capacity_events(c)
+        self.crashes = self._build_crashes(c)  # (worker, at, restart_at or None), by time
+        # With on_crash = "wait" a crash is a window in which the worker is down.
+        self._down: dict[int, list[tuple[float, float]]] = {}
+        if c.on_crash == "wait":
+            for w, at, back in self.crashes:
+                self._down.setdefault(w, []).append((at, back))
 
     @property
     def M(self) -> int:
@@ -216,7 +226,24 @@ class Cluster:
             base = flops / (self.reference_peak * self.cfg.mfu)
         return base / w.speed
 
+    def compute_span(self, worker: int, start: float, seconds: float) -> tuple[float, float]:
+        """When `seconds` of full-speed work started at `start` ends, given slowdown windows
+        and down windows (on_crash = "wait": work under way when the worker goes down is
+        lost and starts over when it is back). Returns (end, the share of the work lost)."""
+        t, lost = start, 0.0
+        while True:
+            t = max([t] + [b for a, b in self._down.get(worker, []) if a <= t < b])
+            end = self._slowed_end(worker, t, seconds)
+            crash = min((a for a, _ in self._down.get(worker, []) if t < a < end), default=None)
+            if crash is None:
+                return end, lost
+            lost += (crash - t) / (end - t)  # the time-share of the work done before the crash
+            t = crash
+
     def compute_end(self, worker: int, start: float, seconds: float) -> float:
+        return self.compute_span(worker, start, seconds)[0]
+
+    def _slowed_end(self, worker: int, start: float, seconds: float) -> float:
         """When `seconds` of full-speed work started at `start` ends, given slowdown windows."""
         t, left = start, seconds
         for s0, s1, factor in self._slowdowns.get(worker, []):
@@ -246,12 +273,13 @@ class Cluster:
             rng = random.Random(f"stragglers-{f.seed}")
             for w in range(len(self.workers)):
                 t = 0.0
-                while True:
+                while True:  # the next one can only start after this one ends: never overlapping
                     t += rng.expovariate(f.straggler_rate_per_hour / 3600.0)
                     if t >= f.horizon_s:
                         break
                     windows.setdefault(w, []).append((t, t + f.straggler_duration_s,
                                                       f.straggler_factor))
+                    t += f.straggler_duration_s
         for w, spans in windows.items():
             spans.sort()
             for (a0, a1, _), (b0, _, _) in zip(spans, spans[1:]):
@@ -268,6 +296,7 @@ class Cluster:
             if len(tr.times_s) != len(tr.gbps) or not tr.times_s or any(g < 0 for g in tr.gbps):
                 raise UserError("a cluster.traces entry needs equally long times_s and gbps "
                                 "lists with non-negative bandwidths")
+            # 0 Gbit/s in a trace is a link carrying nothing (not "unlimited", as in the matrix)
             events[(r, s)] = [(t, g * 1e9) for t, g in zip(tr.times_s, tr.gbps)]
         self._outages: dict[tuple[int, int], list[tuple[float, float]]] = {}
         for o in c.outages:
@@ -288,7 +317,67 @@ class Cluster:
                         if t >= f.horizon_s:
                             break
                         self._outages.setdefault((r, s), []).append((t, t + f.outage_duration_s))
+                        t += f.outage_duration_s
+        self._lost: dict[tuple[int, int], float] = {}
+        for loss in c.link_losses:
+            r, s = self.region_index(loss.src), self.region_index(loss.dst)
+            if r == s or loss.at_s < 0:
+                raise UserError("a cluster.link_losses entry needs two different regions and "
+                                "at_s >= 0")
+            self._lost[(r, s)] = min(loss.at_s, self._lost.get((r, s), math.inf))
+            self._outages.setdefault((r, s), []).append((loss.at_s, math.inf))
         return events
+
+    def _build_crashes(self, c: ClusterConfig) -> list[tuple[int, float, float | None]]:
+        """Every worker crash: (worker, at, restart time or None), from cluster.crashes and a
+        seeded random schedule (cluster.failures.crash_rate_per_hour), whose next crash of a
+        worker can only come after its restart."""
+        crashes = []
+        for spec in c.crashes:
+            if not 0 <= spec.worker < len(self.workers) or spec.at_s < 0 or spec.notice_s < 0:
+                raise UserError("a cluster.crashes entry needs a valid worker index, at_s >= 0 "
+                                "and notice_s >= 0")
+            back = spec.at_s + spec.restart_after_s if spec.restart_after_s >= 0 else None
+            crashes.append((spec.worker, spec.at_s, back))
+        f = c.failures
+        if f.horizon_s > 0 and f.crash_rate_per_hour > 0:
+            rng = random.Random(f"crashes-{f.seed}")
+            for w in range(len(self.workers)):
+                t = 0.0
+                while True:
+                    t += rng.expovariate(f.crash_rate_per_hour / 3600.0)
+                    if t >= f.horizon_s:
+                        break
+                    back = t + f.restart_after_s if f.restart_after_s >= 0 else None
+                    crashes.append((w, t, back))
+                    if back is None:
+                        break
+                    t = back
+        crashes.sort(key=lambda x: (x[1], x[0]))
+        by_worker: dict[int, list] = {}
+        for w, at, back in crashes:
+            by_worker.setdefault(w, []).append((at, back))
+        for w, spans in by_worker.items():
+            for (a0, b0), (a1, _) in zip(spans, spans[1:]):
+                if b0 is None or a1 < b0:
+                    raise UserError(f"cluster.crashes of worker {w} overlap (a crash at {a1:g} s "
+                                    "while it is still down); remove one")
+        if c.on_crash == "wait" and any(back is None for _, _, back in crashes):
+            raise UserError("a worker that never comes back (restart_after_s = -1) cannot be "
+                            "waited for; set cluster.on_crash = \"drop\" or give it a restart")
+        return crashes
+
+    def crashes_that_drop(self) -> list[tuple[int, float, float | None]]:
+        """The crashes that end a worker's process (on_crash = "drop")."""
+        return self.crashes if self.cfg.on_crash == "drop" else []
+
+    def is_down(self, worker: int, t: float) -> bool:
+        return any(a <= t < b for a, b in self._down.get(worker, []))
+
+    def lost_links(self, t: float) -> list[str]:
+        """The links that are down for good at time t, as 'r0->r1 (at 500 s)'."""
+        return [f"{self.regions[r]}->{self.regions[s]} (lost at {at:g} s)"
+                for (r, s), at in sorted(self._lost.items()) if at <= t]
 
     def link_bandwidth(self, r: int, s: int, t: float) -> float:
         """bit/s of the link r -> s at time t (0 during an outage, inf if unlimited)."""
@@ -298,14 +387,15 @@ class Cluster:
         bw = self.bandwidth[r][s]
         for t0, value in self._capacity_events.get((r, s), []):
             if t0 <= t:
-                bw = value if value > 0 else math.inf
+                bw = value
         return bw
 
     def capacity_breakpoints(self) -> list[float]:
-        """Every time at which some link's bandwidth changes."""
+        """Every time at which some link's or worker NIC's bandwidth changes."""
         times = {t for ev in self._capacity_events.values() for t, _ in ev}
         times |= {t for spans in self._outages.values() for span in spans for t in span}
-        return sorted(times)
+        times |= {t for spans in self._down.values() for span in spans for t in span}
+        return sorted(t for t in times if t != math.inf)
 
     def describe(self) -> str:
         return (f"{self.M} workers in {len(self.regions)} regions "

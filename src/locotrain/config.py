@@ -134,6 +134,7 @@ class WorkerSpec:
     device: str = ""  # catalogue name; "" = cluster.device
     batch_size: int = 0  # sequences per step; 0 = train.batch_size
     count: int = 1  # repeat this worker `count` times
+    join_s: float = 0.0  # joins the run at this simulated time (asynchronous algorithms)
 
 
 @dataclass
@@ -155,6 +156,25 @@ class OutageSpec:
 
 
 @dataclass
+class CrashSpec:
+    """Worker `worker` crashes at `at_s` and, with restart_after_s >= 0, comes back that much
+    later (from the top of its process, with a fresh inner optimizer). `notice_s` > 0 makes
+    it a preemption announced that long before (logged; algorithms do not act on it)."""
+    worker: int = 0
+    at_s: float = 0.0
+    restart_after_s: float = -1.0  # -1: never
+    notice_s: float = 0.0
+
+
+@dataclass
+class LinkLossSpec:
+    """The link from region `src` to region `dst` goes down for good at `at_s`."""
+    src: str = ""
+    dst: str = ""
+    at_s: float = 0.0
+
+
+@dataclass
 class TraceSpec:
     """Piecewise-constant bandwidth of one inter-region link: `gbps[i]` from `times_s[i]`."""
     src: str = ""
@@ -173,6 +193,8 @@ class FailureSpec:
     straggler_duration_s: float = 60.0
     outage_rate_per_hour: float = 0.0  # per inter-region link
     outage_duration_s: float = 30.0
+    crash_rate_per_hour: float = 0.0  # per worker
+    restart_after_s: float = 300.0  # -1: crashed workers never come back
 
 
 @dataclass
@@ -196,6 +218,12 @@ class ClusterConfig:
     slowdowns: list[SlowdownSpec] = field(default_factory=list)
     outages: list[OutageSpec] = field(default_factory=list)
     traces: list[TraceSpec] = field(default_factory=list)
+    crashes: list[CrashSpec] = field(default_factory=list)
+    link_losses: list[LinkLossSpec] = field(default_factory=list)
+    # What a crash does (docs/simulation.md): "wait" = the worker is down until it restarts,
+    # its unfinished compute is redone, everyone who needs it waits (any algorithm);
+    # "drop" = its process dies, peers are told and carry on (parameter-server algorithms).
+    on_crash: str = choice("wait", "wait", "drop")
     failures: FailureSpec = field(default_factory=FailureSpec)
 
 

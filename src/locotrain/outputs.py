@@ -91,6 +91,11 @@ def summarize(cfg, setup, recorder, final: dict, stats: dict, elapsed: float) ->
         "params": setup.workload.num_params(),
         "workers": setup.job.M,
         "tokens": stats["tokens"],
+        # Every token computed, those in the evaluated model, and those a crash threw away
+        # (the real runtime does not know the last: its runs report none lost).
+        "tokens_trained": stats["tokens"] + stats.get("tokens_lost", 0),
+        "tokens_in_model": final["tokens"],
+        "tokens_lost": stats.get("tokens_lost", 0),
         "time_s": round(elapsed, 3),
         "tokens_per_s": stats["tokens"] / max(elapsed, 1e-9),
         "best_val_bpc": best,

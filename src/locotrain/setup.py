@@ -54,13 +54,21 @@ def build(cfg: Config) -> Setup:
     step_times = [cluster.step_time(w.index, workload.spec.flops_per_token(), workload.spec.seq_len)
                   for w in cluster.workers]
     job = Job(
-        workers=[WorkerInfo(w.index, w.region, w.speed, w.batch_size, step_times[w.index])
+        workers=[WorkerInfo(w.index, w.region, w.speed, w.batch_size, step_times[w.index],
+                            join_s=w.join_s)
                  for w in cluster.workers],
         regions=cluster.regions, param_names=names,
         param_shapes=[workload.spec.param_shapes()[n] for n in names],
         total_tokens=cfg.train.tokens, seq_len=cfg.model.seq_len, depth=cfg.model.depth,
     )
     algorithm = build_algorithm(cfg.algorithm.name, settings, job)
+    if algorithm.synchronous and (cluster.crashes_that_drop() or any(w.join_s for w in job.workers)):
+        # A synchronous group would need a worker to heal from a live peer (as torchft does)
+        # to take one that joins or restarts; the simulator does not model that.
+        raise UserError(f"{cfg.algorithm.name} is synchronous: its workers wait for each "
+                        "other, so crashes need cluster.on_crash = \"wait\" and no worker can "
+                        "join mid-run (join_s); the parameter-server algorithms "
+                        "(async_local_sgd, halos) take both")
     # Rounds bind synchronous algorithms only: an asynchronous worker's last task is cut to
     # the budget, and the fastest worker runs more steps than the average.
     check_budget(job, getattr(settings, "H", None) if algorithm.synchronous else None)

@@ -82,7 +82,8 @@ class AsyncLocalSGD(Algorithm):
     def server(self, ctx):
         job, cfg = self.job, self.cfg
         codec = make_codec(cfg.codec, cfg.codec_block)
-        planner = TaskPlanner(cfg, job, [w.index for w in job.workers], job.total_tokens)
+        present = [w.index for w in job.workers if w.join_s == 0]
+        planner = TaskPlanner(cfg, job, present, job.total_tokens)
         opt = server_optimizer(cfg.server_optimizer, cfg.outer_lr, cfg.outer_momentum,
                                cfg.buffer_size or job.M, cfg.momentum_activation)
         theta = ctx.initial_params()
@@ -92,7 +93,7 @@ class AsyncLocalSGD(Algorithm):
         def dispatch(w: int) -> bool:
             return planner.dispatch(ctx, w, theta, version, codec)
 
-        active = {w.index for w in job.workers if dispatch(w.index)}
+        active = {w for w in present if dispatch(w)}
         while active:
             arrivals = [(yield ctx.recv())]
             if cfg.grace_period_s > 0:  # gather whoever else finishes within the grace period
@@ -107,7 +108,12 @@ class AsyncLocalSGD(Algorithm):
                 tokens = planner.release(w)
                 ctx.log(f"worker {msg.src} died; {tokens} tokens of its task go back to the "
                         f"budget; carrying on with {len(active)} workers")
-            arrivals = [m for m in arrivals if not m.failed]
+            for msg in [m for m in arrivals if m.meta.get("joined")]:
+                w = worker_index(msg.src)  # a new or restarted worker: hand it a task
+                planner.join(w)
+                if dispatch(w):
+                    active.add(w)
+            arrivals = [m for m in arrivals if not m.failed and not m.meta.get("joined")]
             for msg in arrivals:
                 staleness = version - msg.meta["version"]
                 yield ctx.server_step()

@@ -113,7 +113,8 @@ class HALoS(Algorithm):
         job, cfg = self.job, self.cfg
         codec = make_codec(cfg.codec, cfg.codec_block)
         members = self.members[region]
-        planner = TaskPlanner(cfg, job, members, self.shares[region])  # relative to the fleet
+        present = [w for w in members if job.workers[w].join_s == 0]
+        planner = TaskPlanner(cfg, job, present, self.shares[region])  # relative to the fleet
         opt = server_optimizer("delayed_nesterov", cfg.local_lr, cfg.local_momentum,
                                cfg.local_buffer or len(members), cfg.momentum_activation)
         theta = ctx.initial_params()
@@ -141,7 +142,7 @@ class HALoS(Algorithm):
         def dispatch(w: int) -> bool:
             return planner.dispatch(ctx, w, theta, version, codec)
 
-        active = {w for w in members if dispatch(w)}
+        active = {w for w in present if dispatch(w)}
         while active or in_flight:
             msg = yield ctx.recv()
             if msg.failed:
@@ -155,6 +156,11 @@ class HALoS(Algorithm):
             elif msg.src == GLOBAL:
                 merge(msg.tensors)
                 in_flight = False
+            elif msg.meta.get("joined"):  # a new or restarted worker of this region
+                w = worker_index(msg.src)
+                planner.join(w)
+                if dispatch(w):
+                    active.add(w)
             else:
                 w = worker_index(msg.src)
                 yield ctx.server_step()

@@ -83,6 +83,12 @@ class TaskPlanner:
             self.modelled.pop(worker, None)
         return tokens
 
+    def join(self, worker: int) -> None:
+        """A worker that joins the run, or comes back after a crash."""
+        if worker not in self.workers:
+            self.workers.append(worker)
+            self.modelled[worker] = modelled_rate(self.job.workers[worker])
+
     def relative_speed(self, worker: int) -> float:
         local_share = max(self.modelled.values()) / self.fleet_fastest
         if len(self.measured) == len(self.workers):
@@ -128,10 +134,12 @@ def async_worker(job, cfg: AsyncWorkerSettings, server_of):
     def run(ctx):
         server = server_of(ctx.worker)
         params = list(ctx.params.values())
+        if ctx.restarts or job.workers[ctx.worker].join_s > 0:  # the server does not know us yet
+            ctx.send(server, [], codec, {"joined": True})
         while True:
             msg = yield ctx.recv(server)
             if msg.failed:
-                ctx.log(f"server {server} died; stopping")
+                ctx.log(f"server {server} is gone; stopping")
                 return
             if msg.meta.get("stop"):
                 return

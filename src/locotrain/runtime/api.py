@@ -106,6 +106,7 @@ class Context(ABC):
 
     name: str
     worker: int | None  # index of the worker this process drives, None for servers
+    restarts: int = 0  # times this process was restarted after a crash (it starts from the top)
     # The worker's working parameters (workers only). They belong to this process alone:
     # no other process reads or writes them, which is what lets a runtime run a worker's
     # inner steps late, early or batched with other workers' (runtime/engine.py).
@@ -236,6 +237,7 @@ class WorkerInfo:
     speed: float  # relative device speed
     batch_size: int
     step_time: float  # seconds per inner step: modelled in the simulator, measured for real
+    join_s: float = 0.0  # when the worker joins the run (0: from the start)
 
 
 @dataclass

@@ -197,6 +197,15 @@ class Engine:
         self.pending.append(job)
         return job
 
+    def cancel(self, job: Job) -> None:
+        """Forget a job whose worker crashed; whatever of it ran stays in the worker's state,
+        which a restart overwrites."""
+        if job in self.pending:
+            self.pending.remove(job)
+        if job.row.job is job:
+            job.row.job = None
+        job.finished = True
+
     def train(self, row: Row, steps: int, progress=None, progress_end=None) -> torch.Tensor:
         """Run `steps` inner steps of one worker now (tests, hand replays)."""
         return self.complete(self.submit(row, "train", steps, progress, progress_end))

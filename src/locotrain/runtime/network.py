@@ -111,9 +111,11 @@ class _Flow:
 
 
 class Network:
-    def __init__(self, cluster, host_regions: dict[str, int]):
+    def __init__(self, cluster, host_regions: dict[str, int],
+                 host_workers: dict[str, int] | None = None):
         self.cluster = cluster
         self.host_regions = dict(host_regions)
+        self.host_workers = dict(host_workers or {})  # hosts that are workers (which can be down)
         R = len(cluster.regions)
         for h, r in self.host_regions.items():
             if not 0 <= r < R:
@@ -370,8 +372,15 @@ class Network:
     def _capacity(self, res: tuple) -> float:
         if res[0] == "link":
             return self.cluster.link_bandwidth(res[1], res[2], self.now)
+        worker = self.host_workers.get(res[1])
+        if worker is not None and self.cluster.is_down(worker, self.now):
+            return 0.0  # a crashed worker's NIC carries nothing until it is back
         r = self.host_regions[res[1]]
         return self.cluster.bandwidth[r][r]
+
+    def stalled(self) -> bool:
+        """Whether some transfer is waiting for a capacity that will never come back."""
+        return any(f.rate == 0 for f in self._draining.values())
 
     def _rates(self) -> None:
         """Max-min fair rates by progressive filling: raise every unfrozen flow's rate

@@ -29,6 +29,7 @@ import torch
 
 from ..cluster import Cluster
 from ..codecs import Codec, flatten, unflatten
+from ..errors import UserError
 from . import collectives, snapshot
 from .api import (Algorithm, Apply, Context, Gradients, Handle, Job, Message, Recv, ServerStep,
                   Train, Wait)
@@ -55,6 +56,13 @@ class _Proc:
     spans: list = field(default_factory=list)  # (kind, start, end)
     finished_at: float = 0.0
     replicas_recorded: int = 0
+    run: object = None  # the process's function: a restart makes a new generator from it
+    restarts: int = 0
+    dead: bool = False  # crashed and not (yet) restarted
+    crashed_at: float = -1.0
+    job: object = None  # the compute job it waits for, and when that span started and ends
+    span_start: float = 0.0
+    span_end: float = 0.0
 
     def span(self, kind: str, start: float, end: float) -> None:
         if end <= start:
@@ -71,6 +79,7 @@ class _SimContext(Context):
         self.name = proc.name
         self.worker = proc.worker.index if proc.worker else None
         self.params = proc.worker.params if proc.worker else {}
+        self.restarts = proc.restarts
 
     def now(self) -> float:
         return self._rt.time
@@ -115,20 +124,23 @@ class SimRuntime:
         self._seq = 0
         self.procs: list[_Proc] = []
         for spec in algorithm.processes():
-            proc = _Proc(len(self.procs), spec.name, spec.region)
+            proc = _Proc(len(self.procs), spec.name, spec.region, run=spec.run)
             if spec.worker is not None:
                 proc.worker = workers[spec.worker]
             proc.gen = spec.run(_SimContext(self, proc))
             self.procs.append(proc)
         self.by_name = {p.name: p for p in self.procs}
         self.worker_procs = [p for p in self.procs if p.worker is not None]
-        self.network = Network(cluster, {p.name: p.region for p in self.procs})
+        self.network = Network(cluster, {p.name: p.region for p in self.procs},
+                               {p.name: p.worker.index for p in self.worker_procs})
         self._jitter = [random.Random(f"jitter-{seed}-{w}") for w in range(job.M)]
         self._collectives: dict[tuple, dict] = {}  # (group, index) -> the collective so far
         self._groups = {tuple(sorted(g)) for g in algorithm.groups()}
         self._messages: dict[int, tuple] = {}
         self.inner_steps = 0
-        self.tokens = 0
+        self.tokens = 0  # in finished compute jobs
+        self.tokens_lost = 0.0  # computed, then thrown away by a crash
+        self._peers: dict[str, set[str]] = {}  # who exchanged messages with whom
         self.staleness: list[int] = []
         self.peak_payload = 0
         self._replicas: dict[int, dict[int, torch.Tensor]] = {}  # round -> worker -> replica
@@ -150,7 +162,11 @@ class SimRuntime:
         not run yet; the caller completes the job, batched with every other pending job
         (several simulations can share one engine: `loco sweep`)."""
         for proc in self.procs:
-            self._schedule(0.0, proc, None)
+            start = self.job.workers[proc.worker.index].join_s if proc.worker else 0.0
+            self._schedule(start, proc, None)
+        for worker, at, restart_at in self.cluster.crashes_that_drop():
+            proc = self.worker_procs[worker]
+            self._schedule(at, proc, _Crash(restart_at))
         while True:
             t_heap = self._heap[0][0] if self._heap else math.inf
             t_net = self.network.next_time()
@@ -171,9 +187,18 @@ class SimRuntime:
                 restore()
             elif self._replay is None and self.pause is not None:
                 self.pause(self)
-        stuck = [f"{p.name} (waiting on {type(p.waiting).__name__})" for p in self.procs if not p.done]
+        stuck = [p for p in self.procs if not p.done]
         if stuck:
-            raise RuntimeError(f"simulation deadlocked at t={self.time:.3f}s: {', '.join(stuck)}")
+            raise RunStuck(self._why_stuck(stuck))
+
+    def _why_stuck(self, stuck: list[_Proc]) -> str:
+        waits = ", ".join(f"{p.name} waits for {'an all-reduce' if isinstance(p.waiting, Handle) else 'a message'}"
+                          for p in stuck)
+        lost = self.cluster.lost_links(self.time)
+        cause = (f"; the transfers it needs cross {', '.join(lost)}, which went down for good"
+                 if lost and self.network.stalled() else
+                 "; nothing it waits for can still arrive (its peers crashed or finished)")
+        return f"the run cannot progress after t={self.time:.3f} s: {waits}{cause}"
 
     def _schedule(self, t: float, proc: _Proc, value) -> None:
         self._seq += 1
@@ -181,6 +206,13 @@ class SimRuntime:
 
     def _drive(self, proc: _Proc, value) -> None:
         """Run a process until it blocks; the blocking primitive decides when it resumes."""
+        if isinstance(value, _Crash):
+            return self._crash(proc, value.restart_at)
+        if isinstance(value, _Restart):
+            self._restart(proc)
+            value = None
+        elif proc.dead or proc.done or (isinstance(value, _Finished) and value.job is not proc.job):
+            return  # an event meant for a process, or an incarnation of it, that crashed since
         if isinstance(value, _Timeout):
             if proc.waiting is not value.recv:  # the message came first: a stale timer
                 return
@@ -188,6 +220,7 @@ class SimRuntime:
             proc.waiting, value = None, None
         elif isinstance(value, _Finished):  # a compute span ended: count it, hand back the result
             job = value.job
+            proc.job = None
             if job.kind == "apply":
                 value = None
             else:
@@ -212,6 +245,7 @@ class SimRuntime:
                 return
             if isinstance(op, Apply):  # part of the step Gradients already timed
                 job = self.engine.submit(proc.worker, "apply", grads=op.grads, progress=op.progress)
+                proc.job = job
                 self._schedule(self.time, proc, _Finished(job))
                 return
             if isinstance(op, ServerStep):
@@ -245,8 +279,10 @@ class SimRuntime:
         seconds = job.steps * self.step_times[w] * job.batch / proc.worker.batch_size
         if self.cluster.cfg.jitter > 0:
             seconds *= max(0.1, 1.0 + self.cluster.cfg.jitter * self._jitter[w].gauss(0.0, 1.0))
-        end = self.cluster.compute_end(w, self.time, seconds)
+        end, lost = self.cluster.compute_span(w, self.time, seconds)
+        self.tokens_lost += lost * job.steps * job.tokens_per_step  # redone after a restart
         proc.span("compute", self.time, end)
+        proc.job, proc.span_start, proc.span_end = job, self.time, end
         self._schedule(end, proc, _Finished(job))
 
     # -- collectives ----------------------------------------------------------------
@@ -301,6 +337,8 @@ class SimRuntime:
                                lambda: flat.clone() if codec.lossless else codec.roundtrip(flat))
         meta = self._exchanged("meta", 0, lambda: dict(meta))
         msg = Message(proc.name, unflatten(flat, tensors), meta, self.time)
+        self._peers.setdefault(proc.name, set()).add(dst)
+        self._peers.setdefault(dst, set()).add(proc.name)
         nbytes = (codec.nbytes(flat.numel()) if tensors else 0) + HEADER_BYTES
         self.peak_payload = max(self.peak_payload, nbytes)
         handle = Handle("send")
@@ -328,14 +366,57 @@ class SimRuntime:
                 self._wake(handle, ready_at=coll["joined"])
             return
         msg, dst, handle = self._messages.pop(key)
-        self.by_name[msg.src].span("comm", msg.sent_at, self.time)
+        sender = self.by_name[msg.src]
+        sender.span("comm", msg.sent_at, self.time)
         handle.done = True
         self._wake(handle, ready_at=msg.sent_at)
-        proc = self.by_name[dst]
+        if msg.sent_at <= sender.crashed_at:  # the sender crashed before it all went out
+            return
+        self._deliver(self.by_name[dst], msg)
+
+    def _deliver(self, proc: _Proc, msg: Message) -> None:
+        if proc.dead or proc.done:
+            # Nobody reads it: the sender learns that its peer is gone, as a connection would tell.
+            sender = self.by_name[msg.src]
+            if not msg.failed and not (sender.dead or sender.done):
+                self._deliver(sender, Message(proc.name, [], {"failed": True}, self.time))
+            return
         if isinstance(proc.waiting, Recv) and proc.waiting.src in (None, msg.src):
             self._resume(proc, msg, ready_at=msg.sent_at)
         else:
             proc.mailbox.append(msg)
+
+    # -- crashes (cluster.on_crash = "drop") --------------------------------------------------
+    def _crash(self, proc: _Proc, restart_at: float | None) -> None:
+        """The worker's process dies: its compute is thrown away, what it was sending is lost,
+        and the processes it talked to are told, as a closed connection would tell them."""
+        if proc.dead or proc.done:
+            return
+        if proc.job is not None:
+            job, span = proc.job, max(proc.span_end - proc.span_start, 1e-12)
+            done = min(1.0, (self.time - proc.span_start) / span)
+            self.tokens_lost += done * job.steps * job.tokens_per_step
+            self.engine.cancel(job)
+            proc.spans = [(k, a, min(b, self.time)) for k, a, b in proc.spans if a < self.time]
+        proc.gen.close()
+        proc.dead, proc.crashed_at, proc.finished_at = True, self.time, self.time
+        proc.done = restart_at is None
+        proc.job, proc.waiting = None, None
+        proc.mailbox.clear()
+        again = f"; it restarts at t={restart_at:.2f}s" if restart_at is not None else ""
+        self.recorder.log(f"[t={self.time:.2f}s {proc.name}] crashed{again}")
+        for peer in sorted(self._peers.get(proc.name, ())):
+            self._deliver(self.by_name[peer], Message(proc.name, [], {"failed": True}, self.time))
+        if restart_at is not None:
+            self._schedule(restart_at, proc, _Restart())
+
+    def _restart(self, proc: _Proc) -> None:
+        """A fresh process for the worker (its code from the top; `ctx.restarts` says it is
+        not the first), a fresh inner optimizer, the same data stream."""
+        proc.dead = proc.done = False
+        proc.restarts += 1
+        self.engine.reset_optimizer(proc.worker)
+        proc.gen = proc.run(_SimContext(self, proc))
 
     def _wake(self, handle: Handle, ready_at: float) -> None:
         proc = handle.state.pop("waiter", None)
@@ -435,6 +516,7 @@ class SimRuntime:
         """Totals for the run's summary."""
         return {
             "tokens": self.tokens, "inner_steps": self.inner_steps,
+            "tokens_lost": round(self.tokens_lost),
             "sim_time_s": max(p.finished_at for p in self.procs),
             "bytes_sent": self.network.bytes_sent,
             "bytes_inter_region": self.network.bytes_inter_region,
@@ -452,6 +534,20 @@ class SimRuntime:
 @dataclass
 class _Timeout:
     recv: Recv
+
+
+@dataclass
+class _Crash:
+    restart_at: float | None
+
+
+@dataclass
+class _Restart:
+    pass
+
+
+class RunStuck(UserError):
+    """No process can make progress any more (permanent link loss, every peer gone)."""
 
 
 @dataclass
