@@ -234,3 +234,23 @@ def test_real_processes_give_the_simulators_parameters(tmp_path):
     assert real_log == sim_log
     assert "adloco round 1: trainer 0 b=4 nodes [0]; trainer 1 b=11 nodes [1, 2]" in sim_log
     assert any("merge trainer 0" in t for t in sim_log)
+
+
+@pytest.mark.parametrize("trainers", [1, 3])
+def test_an_interrupted_run_resumes_to_the_same_end(tmp_path, trainers):
+    """The batch sizes come from small exchanged values (a 1024-value sketch and ||g||^2 in a
+    trainer; M numbers between trainers), which a resumed run's replay feeds back, so it
+    branches as the original did (run.py's resume)."""
+    from locotrain.run import resume
+    from test_resume import metrics, run
+
+    case = ["algorithm.name=adloco", "algorithm.H=2", "algorithm.initial_batch=2",
+            "cluster.size=6", f"algorithm.trainers={trainers}", "algorithm.eta=0.5"]
+    reference, out = tmp_path / "reference", tmp_path / "stopped"
+    events = run(reference, case)
+    texts = [e["text"] for e in metrics(reference) if e["event"] == "log"]
+    assert len(texts) >= 2 and (trainers == 1 or any("merge" in t for t in texts))  # b grew
+    assert run(out, case, stop_at=events // 2) is None
+    resume(out)
+    assert metrics(out) == metrics(reference)
+    assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()

@@ -149,3 +149,16 @@ def test_real_processes_give_the_simulators_parameters(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokens"] == sim.summary["tokens"]
     assert summary["outer_updates"] == sim.summary["outer_updates"]
+
+
+def test_an_interrupted_run_resumes_to_the_same_end(tmp_path):
+    from locotrain.run import resume
+    from test_resume import metrics, run
+
+    case = ["algorithm.name=hierarchical", "algorithm.H=4", "algorithm.outer_sync=leaders"]
+    reference, out = tmp_path / "reference", tmp_path / "stopped"
+    events = run(reference, case)
+    assert run(out, case, stop_at=events // 2) is None
+    resume(out)
+    assert metrics(out) == metrics(reference)
+    assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()

@@ -67,7 +67,7 @@ def test_peak_payload_is_one_fragment():
     fp4 = make_codec("fp4")
     common = [TWO_DC, "model.depth=2", "train.tokens=4096", FEW_EVALS]
     diloco = simulate(config("algorithm.name=diloco", "algorithm.H=6", *common))
-    numel = sum(fragment_numels(streaming("algorithm.fragments=1", *common)))
+    numel = sum(fragment_numels(streaming("algorithm.fragments=1", "algorithm.H=6", *common)))
     assert diloco.runtime.peak_payload == 4 * numel
     block = 12 * 32 * 32  # wq, wk, wv, wo (width^2 each) and fc, proj (4 width^2 each)
     for embeddings, H, largest in [("own", 6, block), ("first", 4, None)]:

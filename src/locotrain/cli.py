@@ -112,6 +112,20 @@ def cmd_compare(args) -> None:
     print(f"-> {out}")
 
 
+def cmd_resume(args) -> None:
+    from .config import load_config
+    from .run import resume, set_threads
+
+    out = Path(args.dir)
+    if (out / "config.toml").is_file():
+        set_threads(load_config(str(out / "config.toml"))[1])
+    s = resume(out, args.set, quiet=args.quiet).summary
+    bound = "<= " if "final_val_bpc_stderr" in s else ""
+    print(f"{s['algorithm']} on {s['workers']} worker(s), resumed: final val {bound}"
+          f"{s['final_val_bpc']:.4f} bpc (best {s['best_val_bpc']:.4f}), "
+          f"{s['sim_time_s']:.1f} s simulated -> {out}")
+
+
 def cmd_sweep(args) -> None:
     from .sweep import sweep
 
@@ -227,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=1, help="seeds per point (train.seed, +1, ...)")
     p.add_argument("--shard", default="", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("resume", help="continue an interrupted run from its checkpoint")
+    p.add_argument("dir", help="the run folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change an eval.* or sample.* key (nothing that changes the training)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_resume)
     p = sub.add_parser("launch", help="run on real processes on this machine (torch.distributed)")
     common(p)
     p.add_argument("--nproc", type=int, help="number of processes (checked against the config)")
@@ -244,12 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("list", help="presets, workloads and algorithms")
     p.add_argument("--keys", action="store_true", help="every config key")
     p.set_defaults(func=cmd_list)
+    from .pipeline.cli import add_parser as add_place_parser
+
+    add_place_parser(sub)
 
     args = parser.parse_args(argv)
     outputs = _outputs()
     if outputs:  # forget folders of an earlier main() in this process
         outputs.prepared.clear()
-    training = args.command in ("run", "compare", "sweep")
+    training = args.command in ("run", "compare", "sweep", "resume")
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if training else None
     try:
         args.func(args)
@@ -298,6 +321,9 @@ def _mark_interrupted() -> str:
         for s, h in zip(stop, handlers):
             signal.signal(s, h)
     where = os.path.commonpath([str(f) for f in folders])
+    resumable = [f for f in folders if (f / "checkpoint" / "state.json").is_file()]
+    if len(folders) == 1 and resumable:
+        return f"; {where} holds an incomplete run: continue it with `loco resume {where}`"
     return f"; {where} holds an incomplete run"
 
 

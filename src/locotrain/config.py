@@ -73,6 +73,9 @@ class TrainConfig:
     seed: int = 0
     device: str = choice("auto", "auto", "cpu", "cuda")
     compile: bool = False  # torch.compile the loss (CUDA only)
+    # Intra-op CPU threads; 0 = the cores not already busy (the load average), at least 1:
+    # small models gain little from threads and lose badly when the cores are oversubscribed.
+    threads: int = 0
     # Tokens between checkpoints (simulated runs; `loco resume DIR` continues from the last
     # one). 0 = none on a schedule; an interrupted run (Ctrl-C, SIGTERM) always writes one.
     checkpoint_every: int = 0
@@ -241,6 +244,27 @@ class RuntimeConfig:
 
 
 @dataclass
+class PhantomConfig:
+    """`loco plan`'s model (planner/phantom.py): sizes, no values. Described directly by
+    `params` (and `layers`, with the step time in cluster.step_time_s), or, with params = 0,
+    derived from the architecture: [model] depth, width and seq_len, `vocab`, train.batch_size,
+    and the step time from FLOPs at cluster.mfu of cluster.device (or cluster.step_time_s)."""
+    params: float = 0.0  # parameters (1e9 = 1B); 0 = from the architecture
+    layers: int = 0  # blocks the parameters are split into (fragments, buckets); 0 = model.depth
+    embedding_params: float = 0.0  # direct description: parameters of the embedding (and of the head)
+    vocab: int = 0  # architecture: vocabulary size; 0 = the corpus's (data.path)
+
+
+@dataclass
+class PlanConfig:
+    """How `loco plan` simulates (planner/plan.py, docs/planner.md)."""
+    rounds: int = 8  # simulated outer rounds (inner steps for ddp); 0 = all of train.tokens
+    symmetry: bool = True  # one process per class of identical synchronous workers
+    min_gbps: float = 0.001  # --find-bandwidth searches [min_gbps, max_gbps]
+    max_gbps: float = 100_000.0
+
+
+@dataclass
 class Config:
     description: str = ""
     data: DataConfig = field(default_factory=DataConfig)
@@ -253,6 +277,8 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 # --------------------------------------------------------------------------- checks

@@ -50,7 +50,9 @@ def _holds(out: Path, first: str) -> str:
             where = f" (last evaluation at {tokens:,} tokens)"
         except (OSError, ValueError, KeyError, TypeError):
             where = ""
-        return f"holds an interrupted (incomplete) run{where}"
+        again = (f"; continue it with `loco resume {out}`"
+                 if (out / STATE_DIR / "state.json").is_file() else "")
+        return f"holds an interrupted (incomplete) run{where}{again}"
     if not (out / FINISHED).exists():
         return (f"holds an incomplete run (no {FINISHED}: it failed, was killed or is "
                 "still running)")

@@ -10,6 +10,7 @@ same metrics and the same model bytes as one that was never interrupted
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from .config import Config, load_config, to_toml
 from .errors import UserError
 from .data import make_shards
 from .metrics import Recorder, atomic_write
-from .outputs import prepare_out_dir, summarize, write_outputs
+from .outputs import STATUS, prepare_out_dir, summarize, write_outputs
 from .runtime.sim import SimRuntime
 from .runtime import snapshot
 from .runtime.engine import Engine
@@ -39,8 +40,25 @@ class Result:
 
 def train(cfg: Config, out: Path | None, *, force: bool = False, quiet: bool = False,
           label: str = "") -> dict:
-    """Train with the configured algorithm on the simulated cluster. Returns the summary."""
+    """Train with the configured algorithm on the simulated cluster, with the thread count
+    train.threads asks for (the command line's entry point). Returns the summary."""
+    set_threads(cfg)
     return simulate(cfg, out, force=force, quiet=quiet, label=label).summary
+
+
+def set_threads(cfg: Config) -> None:
+    if pick_device(cfg.train.device).type == "cpu":
+        torch.set_num_threads(choose_threads(cfg))
+
+
+def choose_threads(cfg: Config) -> int:
+    """train.threads, or the cores the machine is not already busy with (docs/benchmarks.md:
+    two threads on two idle cores, one when another program keeps a core busy)."""
+    if cfg.train.threads > 0:
+        return cfg.train.threads
+    cores = os.cpu_count() or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
 
 
 def engine_for(cfg: Config) -> Engine:
@@ -88,7 +106,9 @@ def resume(out: Path, overrides: list[str] = (), *, quiet: bool = True) -> Resul
     sim.runtime.recorder = _Replaying(sim.recorder)
     sim.runtime.replay(meta["sim"], lambda: sim.restore(tensors, meta))
     sim.run()
-    return sim.finish()
+    result = sim.finish()
+    (out / STATUS).unlink(missing_ok=True)  # no longer an interrupted run
+    return result
 
 
 class _Replaying:

@@ -30,20 +30,25 @@ def pick_device(name: str) -> torch.device:
 @dataclass
 class Setup:
     cfg: Config
-    corpus: Corpus
+    corpus: Corpus | None  # None for a phantom workload (planner/phantom.py)
     workload: Workload
     cluster: Cluster
     job: Job
     algorithm: object
 
 
-def build(cfg: Config) -> Setup:
-    """Everything a run needs, with every user-facing check done up front."""
-    device = pick_device(cfg.train.device)
-    corpus = load_corpus(cfg.data.path, cfg.data.train_fraction)
+def build(cfg: Config, workload=None) -> Setup:
+    """Everything a run needs, with every user-facing check done up front. A given
+    `workload` (a plan's phantom, planner/phantom.py) stands in for the config's: no corpus
+    is read."""
+    corpus = None
+    if workload is None:
+        device = pick_device(cfg.train.device)
+        corpus = load_corpus(cfg.data.path, cfg.data.train_fraction)
     cluster = Cluster(cfg.cluster, cfg.train.batch_size)
-    check_seq_len(cfg.model.seq_len, corpus, cluster.M)
-    workload = build_workload(cfg, corpus, device)
+    if workload is None:
+        check_seq_len(cfg.model.seq_len, corpus, cluster.M)
+        workload = build_workload(cfg, corpus, device)
     settings = cfg.algorithm.settings
     check_outer_optimizer(settings)
     codec = make_codec(settings.codec, settings.codec_block)  # fail early on a bad codec
@@ -59,7 +64,8 @@ def build(cfg: Config) -> Setup:
                  for w in cluster.workers],
         regions=cluster.regions, param_names=names,
         param_shapes=[workload.spec.param_shapes()[n] for n in names],
-        total_tokens=cfg.train.tokens, seq_len=cfg.model.seq_len, depth=cfg.model.depth,
+        total_tokens=cfg.train.tokens, seq_len=workload.spec.seq_len,
+        depth=getattr(workload, "depth", cfg.model.depth),
     )
     algorithm = build_algorithm(cfg.algorithm.name, settings, job)
     if algorithm.synchronous and (cluster.crashes_that_drop() or any(w.join_s for w in job.workers)):

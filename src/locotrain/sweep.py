@@ -95,8 +95,9 @@ def run_points(points, out: Path, force: bool, quiet: bool) -> None:
     """Run these points in this process, pooled into one engine."""
     from tqdm import tqdm
 
-    from .run import Simulation, engine_for
+    from .run import Simulation, engine_for, set_threads
 
+    set_threads(points[0][2])
     engine = engine_for(points[0][2])
     sims = [Simulation(cfg, engine, out / _folder(label), force=force, quiet=True, label=label)
             for label, _, cfg in points]

@@ -69,9 +69,11 @@ How the paper's pieces map onto our primitives
   Trainers run in lock-step (the reference runs every trainer's round, then merges).
 * **What is evaluated.** Worker 0's trainer's theta after every round (the final merged model
   at the end); `tokens` count every trainer's tokens, `outer_updates` the rounds.
-* **Records.** Worker 0 logs the trainers (b and nodes) at the start and whenever they
-  change, and every merge, as lines in metrics.jsonl ({"event": "log", "text": "adloco round
-  R: ..."}; the simulator prefixes the virtual time). docs/algorithms.md parses them.
+* **Records.** Worker 0 logs the trainers (b and nodes) at the start, after a round whose
+  test changed a b, after a merge or reassignment, and every merge itself, as lines in
+  metrics.jsonl ({"event": "log", "text": "[t=...s w0] adloco round R: trainer 0 b=4 nodes
+  [0, 1]; ..."}; t is virtual time in the simulator, wall time for real). `loco run` prints
+  them too. experiments/adloco_vs_diloco.py parses them into the batch schedule.
 
 With one trainer, `batch_test = "none"`, `initial_batch = train.batch_size` and momentum 0 it
 is DiLoCo with plain-SGD outer steps (pinned by tests/test_adloco.py).
@@ -360,15 +362,15 @@ class AdLoCo(Algorithm):
                     batch[t] = int(round(slots[m[0]].item()))
             else:
                 batch[mine] = new_b
+            if me == 0 and batch != before:  # the batch schedule, as it changes
+                ctx.log(f"adloco round {r}: {describe(members, batch)}")
             if spent >= total:
-                if me == 0 and batch != before:
-                    ctx.log(f"adloco round {r}: {describe(members, batch)}")
                 if me == 0 and len(members) == 1:
                     ctx.publish(theta, spent, r)
                 break
             if me == 0:
                 ctx.publish(theta, spent, r)
-            changed = batch != before
+            changed = False  # membership
             if len(members) > 1 and r % cfg.merge_frequency == 0:
                 a, v = pick_merge(members, batch, cfg.merge_policy)
                 union = sorted(members[a] + members[v])
@@ -401,7 +403,7 @@ class AdLoCo(Algorithm):
                             msg = yield ctx.recv(src=job.worker_name(stay[0]))
                             adopt(msg.tensors)
                 members, changed = moved, True
-            if me == 0 and changed:
+            if me == 0 and changed:  # after a merge or a reassignment
                 ctx.log(f"adloco round {r}: {describe(members, batch)}")
         if len(members) > 1:  # the budget is spent: one final model, merged by demand
             D = {t: len(m) * batch[t] for t, m in members.items()}

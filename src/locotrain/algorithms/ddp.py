@@ -1,25 +1,56 @@
-"""Data-parallel training: every inner step, the workers average their gradients with one
-all-reduce and take the same optimizer step. The baseline every other algorithm is
-measured against. Communication is not overlapped with the backward pass (real DDP buckets
-overlap it), matching the analytic model of docs/algorithms.md section 12.
+"""Data-parallel training: every inner step, the workers average their gradients and take the
+same optimizer step. The baseline every other algorithm is measured against.
+
+`bucket_mb = 0` (default): one all-reduce of the whole gradient after the backward pass,
+blocking, so all of it is exposed (the analytic model of docs/algorithms.md section 12).
+`bucket_mb > 0`: what real DDP does (torch.nn.parallel.DistributedDataParallel, its
+`bucket_cap_mb`, default 25): the gradients are grouped into buckets of about that many MB
+of float32 values, in reverse parameter order (the order the backward pass produces them),
+and each bucket's all-reduce starts as soon as its gradients exist, overlapping the rest of
+the backward pass (runtime/api.py, `gradients(buckets=...)`). The step ends when the last
+bucket's all-reduce is done and the optimizer has stepped. torch DDP makes its first bucket
+small (1 MB) so that communication starts early; we do not.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..codecs import make_codec
 from ..config import CodecSettings
+from ..errors import UserError
 from ..runtime.api import Algorithm
 
 
 @dataclass
 class DDPSettings(CodecSettings):
-    """Data-parallel reads only the codec of its gradient all-reduce."""
+    """Data-parallel reads the codec of its gradient all-reduce and its bucket size."""
+    bucket_mb: float = 0.0  # MB of float32 gradient per bucket, overlapped with backward; 0 = none
+
+
+def buckets(shapes: list[tuple[int, ...]], bucket_mb: float) -> list[list[int]]:
+    """Parameter indices in buckets of at least one parameter and at most about `bucket_mb`
+    MB (2^20 bytes) of float32 values, last parameter first (torch DDP's greedy filling)."""
+    cap = bucket_mb * 2**20 / 4
+    out, current, size = [], [], 0
+    for i in reversed(range(len(shapes))):
+        n = math.prod(shapes[i])
+        if current and size + n > cap:
+            out.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += n
+    return out + [current] if current else out
 
 
 class DDP(Algorithm):
     name = "ddp"
+
+    def __init__(self, cfg, job):
+        super().__init__(cfg, job)
+        if not cfg.bucket_mb >= 0:
+            raise UserError(f"algorithm.bucket_mb must be >= 0 (0 = no overlap), got {cfg.bucket_mb}")
 
     def processes(self):
         return self.worker_processes(self.worker)
@@ -32,13 +63,21 @@ class DDP(Algorithm):
         # Weight gradients by batch size so the mean is the gradient of the global batch.
         weight = batches[ctx.worker] * job.M / sum(batches)
         tokens_per_step = sum(job.tokens_per_step(m) for m in range(job.M))
+        groups = buckets(job.param_shapes, self.cfg.bucket_mb) if self.cfg.bucket_mb > 0 else None
         if ctx.worker == 0:
             ctx.publish(params, 0, 0)
         for step in range(job.planned_steps):
-            grads = yield ctx.gradients()
-            if weight != 1.0:
-                grads = [g * weight for g in grads]
-            mean = yield ctx.all_reduce(grads, codec)
+            if groups is None:
+                grads = yield ctx.gradients()
+                if weight != 1.0:
+                    grads = [g * weight for g in grads]
+                mean = yield ctx.all_reduce(grads, codec)
+            else:
+                handles = yield ctx.gradients(buckets=groups, codec=codec, scale=weight)
+                mean = [None] * len(params)
+                for bucket, handle in zip(groups, handles):
+                    for i, g in zip(bucket, (yield ctx.wait(handle))):
+                        mean[i] = g
             yield ctx.apply(mean)
             if ctx.worker == 0:
                 ctx.publish(params, (step + 1) * tokens_per_step, step + 1)

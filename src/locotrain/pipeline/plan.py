@@ -58,13 +58,14 @@ def ring_time(devices: list[int], nbytes: float, cluster: Cluster) -> float:
 
 
 def pipeline_of(alloc: Allocation, cluster: Cluster, sizes: GPTSizes, mfu: float) -> Pipeline:
-    S, R = len(alloc.stages), len(alloc.stages[0])
+    S = len(alloc.stages)
     layers = sizes.layers_per_stage(S)
     times, links, names = [], [], []
     for chain in alloc.pipelines:
         row = []
         for s, d in enumerate(chain):
-            f = sizes.forward_flops(layers[s], sizes.micro_batch) / (PEAK_FLOPS[cluster.kinds[d]] * mfu)
+            flops = sizes.forward_flops(layers[s], sizes.micro_batch)
+            f = flops / (PEAK_FLOPS[cluster.kinds[d]] * mfu)
             row.append(StageTimes(forward=f, p1=f, p2=f))
         times.append(row)
         links.append([Link(float(cluster.latency_s[a, b]), float(cluster.bandwidth_gbps[a, b]))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import os
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -10,16 +13,28 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from ..metrics import atomic_write  # noqa: E402
 
 COLORS = {"F": "#4C72B0", "B": "#C44E52", "P1": "#DD8452", "P2": "#55A868", "AR": "#8C8C8C"}
 LABELS = {"F": "forward", "B": "backward", "P1": "backward-p1 (input grad)",
           "P2": "backward-p2 (weight grad)", "AR": "data-parallel all-reduce"}
 
 
-def _save(fig, path: Path) -> None:
-    import io
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write beside `path`, then rename: readers never see half a file. (metrics.py has the
+    same helper, but importing it loads torch, which `loco place` does not otherwise need.)"""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
+
+def _save(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -43,15 +58,15 @@ def gantt(timeline, path: Path, title: str = "") -> None:
     ax.set_yticks(range(rows))
     ax.set_yticklabels([names[r][s] if names else f"pipe {r} stage {s}"
                         for r in range(R) for s in range(S)], fontsize=7 if rows > 16 else 9)
-    ax.invert_yaxis()
+    ax.set_ylim(rows - 0.5, -0.5)  # first pipeline's stage 0 on top
     ax.set_xlim(0, timeline.step_time_s * 1.01)
     ax.set_xlabel("time (s)")
     kinds = [k for k in COLORS if any(sp.kind == k for sp in timeline.spans)]
     ax.legend(handles=[Patch(color=COLORS[k], label=LABELS[k]) for k in kinds],
-              loc="upper center", bbox_to_anchor=(0.5, -0.08 - 0.3 / max(rows, 1)),
-              ncol=len(kinds), fontsize=8, frameon=False)
+              loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(kinds), fontsize=8,
+              frameon=False)
     ax.set_title(f"{title}{' - ' if title else ''}step {timeline.step_time_s:.3g} s, "
-                 f"bubble {100 * timeline.bubble_fraction:.1f}%", fontsize=10)
+                 f"bubble {100 * timeline.bubble_fraction:.1f}%", fontsize=10, pad=22)
     _save(fig, path)
 
 
@@ -63,8 +78,8 @@ def placement(pipelines: list[list[int]], sites: list[str], costs: dict[str, flo
     site_names = list(dict.fromkeys(sites))
     cmap = plt.get_cmap("tab10" if len(site_names) <= 10 else "tab20")
     color = {name: cmap(i % cmap.N) for i, name in enumerate(site_names)}
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 1.5 + 0.45 * R),
-                                 gridspec_kw={"width_ratios": [max(S, 2), 3]})
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 1.5 + 0.45 * R),
+                                 gridspec_kw={"width_ratios": [max(S, 2), 3], "wspace": 0.55})
     for r, chain in enumerate(pipelines):
         for s, dev in enumerate(chain):
             ax.add_patch(plt.Rectangle((s, r), 0.95, 0.9, color=color[sites[dev]]))

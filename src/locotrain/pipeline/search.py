@@ -9,19 +9,19 @@ population 100, 4,900 offspring). Our own choices, where the paper's code differ
   parent 1's group for these 5 devices" means the same group in both; DT-FM copies raw labels,
   which are arbitrary. Group sizes are then repaired by moving surplus devices, chosen at
   random, from over-full to under-full groups.
-* Local search is a Kernighan-Lin pass (Kernighan & Lin 1970) between two groups A and B:
-  repeatedly make the best swap of two unlocked devices, even when it makes things worse, lock
-  both, and keep the best prefix of the swap sequence. Every step scores all |A| x |B| swaps
-  at once with numpy: the DP terms exactly, each pipeline hop touching A or B by the lower
-  bound of its bottleneck matching (every device must use at least its cheapest partner; the
-  bound is exact whenever the matching that bound allows is perfect, which is the common case
-  on block-structured matrices), with the group order held fixed. The pass's result is then
-  scored exactly (matchings and Held-Karp order re-solved) and kept only if it is better. One
-  group of the pair is the costliest (the DP maximum, or an end of the costliest hop), the
-  other is random. DT-FM instead runs cyclic multi-group moves driven by a pairwise gain.
+* Local search is a Kernighan-Lin pass (Kernighan & Lin 1970) between two random groups A
+  and B: repeatedly make the best swap of two unlocked devices, even when it makes things
+  worse, lock both, and keep the best prefix of the swap sequence. Every step first scores
+  all |A| x |B| swaps at once with numpy (the DP terms exactly; each pipeline hop touching A
+  or B by the lower bound of its bottleneck matching, where every device uses at least its
+  cheapest partner), then scores the `candidates` best of those exactly (bottleneck
+  matchings re-solved, group order held fixed) and makes the exactly best one. The pass's
+  result is scored in full (Held-Karp order re-solved) and kept only if it is better. DT-FM
+  instead runs cyclic multi-group moves driven by a pairwise gain.
 * The cost is a max of maxes, flat under most single swaps; ties are broken everywhere by a
-  smooth companion score (CostModel.soft: means instead of maxima), which gives the search a
-  slope on those plateaus. Swaps of two devices of one class (placement.py) are skipped.
+  smooth companion score (CostModel.soft), which gives the search a slope on those plateaus.
+  Swaps of two devices of one class (placement.py) are skipped.
+* Two constructed partitions join the random population (`seed_labels`).
 Seeded: the same seed gives the same placement.
 """
 
@@ -305,8 +305,8 @@ def local_search(model: CostModel, labels: list[int], rng: random.Random, passes
     return out, cur[:2]
 
 
-def search(model: CostModel, *, seed: int = 0, population: int = 100, offspring: int = 4900,
-           passes: int = 2, steps: int = 0, seeds: bool = True) -> SearchResult:
+def search(model: CostModel, *, seed: int = 0, population: int = 100, offspring: int = 1000,
+           passes: int = 1, steps: int = 0, seeds: bool = True) -> SearchResult:
     """The memetic search; deterministic for a seed."""
     t0 = time.perf_counter()
     rng = random.Random(seed)

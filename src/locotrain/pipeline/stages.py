@@ -91,6 +91,7 @@ class Ops:
         return _StashEmbedding.apply(tokens, w, name, self.stash)
 
 
+@torch.no_grad()
 def weight_grads(entries: list[tuple], shapes: dict[str, tuple], concat: bool = False
                  ) -> dict[str, torch.Tensor]:
     """2BP's p2: dL/dW from the kept (input, output gradient) pairs of one or more

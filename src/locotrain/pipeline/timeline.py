@@ -167,8 +167,8 @@ def simulate(pipe: Pipeline, schedule: str = "gpipe", *, twobp: bool = False, p2
 
     def next_op(key) -> tuple[float, Op] | None:
         d = devs[key]
-        while d.todo and d.todo[0].kind == "P2" and d.todo[0].mbs[0] in d.p2_scheduled:
-            d.todo.pop(0)  # already run early to fill a gap
+        if fill and d.p2_scheduled:  # drop the p2s already run early to fill a gap
+            d.todo = [op for op in d.todo if op.kind != "P2" or op.mbs[0] not in d.p2_scheduled]
         if fill and d.todo and all(op.kind == "P2" for op in d.todo):
             left = tuple(i for op in d.todo for i in op.mbs)
             d.todo = [Op("P2", left)] if concat else [Op("P2", (i,)) for i in left]

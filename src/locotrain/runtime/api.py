@@ -5,6 +5,7 @@ yields a handful of blocking primitives and calls a few non-blocking ones:
 
     loss  = yield ctx.train(steps)            # inner steps on this worker's own shard
     grads = yield ctx.gradients()             # one forward/backward, no optimizer step
+    hs    = yield ctx.gradients(buckets=b, codec=c)  # ... each bucket all-reduced as it is ready
     yield ctx.apply(grads)                    # clip + optimizer step with given gradients
     h     = ctx.start_all_reduce(tensors, codec)   # mean over all workers, non-blocking
     mean  = yield ctx.wait(h)                 # (or: mean = yield ctx.all_reduce(...))
@@ -48,6 +49,9 @@ class Train:
 class Gradients:
     batch_size: int | None = None  # as Train's (AdLoCo's norm test reads its last step's gradient)
     micro_batch: int | None = None
+    buckets: list[list[int]] | None = None  # parameter indices, in the order backward makes them
+    codec: Codec | None = None  # of the buckets' all-reduces
+    scale: float = 1.0  # each gradient is multiplied by this before its all-reduce
 
 
 @dataclass
@@ -130,9 +134,22 @@ class Context(ABC):
         (accumulation: the same gradient, less memory)."""
         return Train(steps, progress, progress_end, batch_size, micro_batch)
 
-    def gradients(self, batch_size: int | None = None, micro_batch: int | None = None) -> Gradients:
-        """One forward/backward, no optimizer step; `batch_size` and `micro_batch` as train's."""
-        return Gradients(batch_size, micro_batch)
+    def gradients(self, batch_size: int | None = None, micro_batch: int | None = None,
+                  buckets: list[list[int]] | None = None, codec: Codec | None = None,
+                  scale: float = 1.0) -> Gradients:
+        """One forward/backward, no optimizer step; `batch_size` and `micro_batch` as train's.
+
+        With `buckets` (lists of parameter indices, in the order the backward pass produces
+        them: last layer first) the gradients are not handed back: as soon as the backward
+        pass has produced a bucket, the runtime starts its all-reduce over every worker
+        (mean, with `codec`, of the gradients times `scale`), and the primitive returns one
+        Handle per bucket, in bucket order, each yielding that bucket's mean gradients. This
+        is DDP's overlap of the gradient all-reduce with the backward pass (torch DDP's
+        buckets). Every worker must pass the same buckets. The simulator times it: the
+        backward pass is 2/3 of the step (Kaplan's 4N of 6N FLOPs per token), split among
+        the buckets in proportion to their parameters; the real runtime starts each bucket's
+        all-reduce from autograd hooks, in bucket order."""
+        return Gradients(batch_size, micro_batch, buckets, codec, scale)
 
     def apply(self, grads: Tensors, progress: float | None = None) -> Apply:
         """Clip `grads`, take one inner optimizer step with them (blocking, so that the

@@ -74,7 +74,11 @@ class AllReduce:
     # -- the arithmetic, shared by both runtimes -----------------------------------------
     def reduce(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """The mean every rank gets, from the M original contributions in rank order (the
-        simulator's path; the real runtime reaches the same numbers by exchanging bytes)."""
+        simulator's path; the real runtime reaches the same numbers by exchanging bytes).
+        Phantom contributions (planner/phantom.py) have sizes and no values: the mean is a
+        phantom like them, and the codec's arithmetic is skipped (the bytes are plan's)."""
+        if getattr(parts[0], "phantom", False):
+            return parts[0].clone()
         if self.scheme == "ring":
             return mean_in_rank_order(parts)
         quantised = mean_in_rank_order([self.codec.roundtrip(p) for p in parts])

@@ -77,6 +77,9 @@ class Job:
     result: object = None
     finished: bool = False
     seq: int = 0  # submission order in its engine: how a resumed run finds it again
+    # A gradients job of the real runtime's bucketed all-reduce (api.Gradients buckets):
+    # called with (parameter index, its gradient) as soon as the backward pass finishes it.
+    on_grad: object = None
 
     @property
     def batch(self) -> int:
@@ -151,6 +154,9 @@ class Engine:
         # While a resumed run replays its way to the checkpoint, jobs only advance the
         # counters; the checkpoint then puts the state back (runtime/snapshot.py).
         self.replaying = False
+        # A plan's workers hold phantom tensors (planner/phantom.py): there is nothing to
+        # compute, so every job completes the way a replayed one does, at once and alone.
+        self.phantom = False
 
     def compile(self) -> None:
         """Fuse the optimizer's element-wise work (dozens of kernels per tensor otherwise)."""
@@ -223,14 +229,14 @@ class Engine:
     def _group(self, job: Job) -> list[Job]:
         """The pending jobs that can run together with `job`: same kind, same model, same
         batch size and inner-optimizer constants (the learning rate and decay may differ)."""
-        if self.mode == "sequential" or self.replaying:  # a replay runs only what is asked for
+        if self.mode == "sequential" or self.replaying or self.phantom:  # only what is asked for
             return [job]
         key = _group_key(job)
         group = [j for j in self.pending if _group_key(j) == key]
         return sorted(group, key=lambda j: j.row.slot)
 
     def _run(self, group: list[Job]) -> None:
-        if self.replaying:
+        if self.replaying or self.phantom:
             return self._skip(group)
         started = time.perf_counter()
         rows = [j.row for j in group]
@@ -252,8 +258,8 @@ class Engine:
         self.chunks.append((len(group), steps, time.perf_counter() - started))
 
     def _skip(self, group: list[Job]) -> None:
-        """A replayed job: the counters move as if it ran; its results are placeholders of
-        the right shapes (overwritten from the checkpoint when it matters)."""
+        """A replayed (or phantom) job: the counters move as if it ran; its results are
+        placeholders of the right shapes (overwritten from the checkpoint when it matters)."""
         for j in group:
             r = j.row
             steps = j.steps - j.done
@@ -351,6 +357,8 @@ class Engine:
                 part = batches[i][:, start:start + micro]
                 piece = workload.loss(named, part, [r.noise_stream for r in rows])
                 share = part.shape[1] / batch
+                if group[0].on_grad is not None and start + micro >= batch:  # the last pass
+                    _hook_gradients(leaves, group[0].on_grad)
                 (piece.sum() * share).backward()  # each worker's loss is its own row's
                 loss += piece.detach() * share
             grads = [p.grad for p in leaves]
@@ -401,6 +409,13 @@ class Engine:
             counts = torch.tensor([float(r.optimizer_steps) for r in rows]).to(device, non_blocking=True)
             self._adamw(params, grads, moments["exp_avg"], moments["exp_avg_sq"], decays,
                         counts, lr, (cfg.beta1, cfg.beta2), decay)
+
+
+def _hook_gradients(leaves: list[torch.Tensor], on_grad) -> None:
+    """Call on_grad(index, gradient) for each parameter as autograd finishes its gradient
+    (one worker: the engine of a real rank holds a stack of one)."""
+    for i, leaf in enumerate(leaves):
+        leaf.register_post_accumulate_grad_hook(lambda p, i=i: on_grad(i, p.grad[0]))
 
 
 def _group_key(job: Job) -> tuple:

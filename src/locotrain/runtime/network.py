@@ -37,6 +37,14 @@ The model (this is the contract; tests/test_network.py checks it)
   member), ordered at the phase's start, skipped if there is one region; (3) a ring
   all-gather in every region, like (1). A phase starts when the previous one's last flow
   completes; the tag is handed out when phase 3 ends.
+* Copies (the planner's representatives, runtime/sim.py): a host may stand for k identical
+  hosts of its region (`copies`), which would sit next to each other in a ring and do the
+  same thing at the same time. A ring then behaves as the ring of all copies: every NIC and
+  WAN pipe carries the same rate (each copy has one outgoing and one incoming hop, and the
+  ring crosses each region boundary once either way), the latency term takes the intra-region
+  hops between copies into account, and a host's bytes are those of all its copies (only its
+  last copy's share crosses a WAN pipe). Only `ring` takes copies; a point-to-point message
+  or a hierarchical all-reduce from a host with copies is an error.
 * Byte accounting, exact integers from the model, counted when a flow starts:
   `bytes_sent` (all hosts), `bytes_by_host`, `bytes_inter_region` (bytes that crossed a WAN
   pipe). In a ring the members together send steps * S bytes (steps = 2(M-1) for an
@@ -112,10 +120,12 @@ class _Flow:
 
 class Network:
     def __init__(self, cluster, host_regions: dict[str, int],
-                 host_workers: dict[str, int] | None = None):
+                 host_workers: dict[str, int] | None = None,
+                 copies: dict[str, int] | None = None):
         self.cluster = cluster
         self.host_regions = dict(host_regions)
         self.host_workers = dict(host_workers or {})  # hosts that are workers (which can be down)
+        self.copies = {h: k for h, k in (copies or {}).items() if k != 1}  # hosts standing for k
         R = len(cluster.regions)
         for h, r in self.host_regions.items():
             if not 0 <= r < R:
@@ -136,6 +146,7 @@ class Network:
     def send(self, now: float, src: str, dst: str, nbytes: int, tag) -> None:
         """Start a point-to-point message of `nbytes` from `src` to `dst` at time `now`."""
         self._check_bytes(nbytes)
+        self._single(src, dst)
         r, s = self._region(src), self._region(dst)
         self._catch_up(now)
         phases = []
@@ -158,6 +169,7 @@ class Network:
         if len(set(hosts)) != len(hosts):
             raise ValueError(f"all_reduce hosts repeat: {hosts}")
         self._check_bytes(nbytes)
+        self._single(*hosts)
         for h in hosts:
             self._region(h)
         self._catch_up(now)
@@ -194,9 +206,10 @@ class Network:
             self._region(h)
         self._catch_up(now)
         phases = []
-        if len(hosts) > 1:
+        members = sum(self.copies.get(h, 1) for h in hosts)
+        if members > 1:
             phases.append(lambda t: [self._ring(self.ring_order(list(hosts), t),
-                                                per_member * len(hosts), hops)])
+                                                per_member * members, hops)])
         self._start_job(tag, phases)
 
     # -- the event-loop interface ---------------------------------------------------
@@ -264,6 +277,12 @@ class Network:
             raise ValueError(f"unknown host '{host}'; the network knows {', '.join(self.host_regions)}")
         return self.host_regions[host]
 
+    def _single(self, *hosts: str) -> None:
+        for h in hosts:
+            if h in self.copies:
+                raise ValueError(f"host '{h}' stands for {self.copies[h]} copies; only ring "
+                                 "collectives can be run on representatives")
+
     @staticmethod
     def _check_bytes(nbytes) -> None:
         if not nbytes >= 0:
@@ -279,23 +298,32 @@ class Network:
         """One fluid flow for a ring collective in which the members together send `total`
         bytes (each about total / M, split exactly so the counters stay integers) over
         `steps` sequential steps (2(M-1) for an all-reduce, M-1 for a reduce-scatter or
-        all-gather), among hosts in `order`."""
-        M = len(order)
+        all-gather), among hosts in `order`; a host with copies is that many members in a
+        row (see the module docstring)."""
+        counts = [self.copies.get(a, 1) for a in order]
+        M = sum(counts)
         lat = self.cluster.latency
         usage: Counter = Counter()
         sent: dict[str, int] = {}
         inter, l_ring = 0, 0.0
         base, extra = divmod(total, M)
+        slot = 0  # the member index of each host's first copy
         for i, a in enumerate(order):
-            b = order[(i + 1) % M]
+            b = order[(i + 1) % len(order)]
             ra, rb = self.host_regions[a], self.host_regions[b]
-            usage[("out", a)] += 1
-            usage[("in", b)] += 1
-            sent[a] = base + (1 if i < extra else 0)
+            k = counts[i]
+            if a != b or k > 1:  # (a lone host with copies is a ring of its copies)
+                usage[("out", a)] += 1
+                usage[("in", b)] += 1
+            sent[a] = k * base + max(0, min(extra, slot + k) - slot)
+            if k > 1:  # the hops between its copies stay in its region
+                l_ring = max(l_ring, lat[ra][ra])
             if ra != rb:
                 usage[("link", ra, rb)] += 1
-                inter += sent[a]
-            l_ring = max(l_ring, lat[ra][rb])
+                inter += base + (1 if slot + k - 1 < extra else 0)  # its last copy's share
+            if a != b:
+                l_ring = max(l_ring, lat[ra][rb])
+            slot += k
         return _Spec(dict(usage), 8 * total / M, steps * l_ring, sent, inter)
 
     def _start_job(self, tag, phases: list) -> None:

@@ -15,6 +15,17 @@ things happen from the timing model alone, so it never waits for arithmetic to k
 comes next; it needs a job's result only when the worker resumes. This is exact because a
 worker's steps read only its own state; everything shared (collectives, messages, servers)
 is resolved in virtual-time order.
+
+Plans (planner/, docs/planner.md) run this same loop with two additions:
+* phantom compute: the workers' tensors have sizes and no values (planner/phantom.py), the
+  engine completes jobs without computing (Engine.phantom), and collectives and messages
+  cost their declared sizes' bytes and time while their arithmetic is skipped;
+* representatives: identical synchronous workers (same region, speed, batch and device, no
+  crash, no jitter) do the same thing at the same virtual times, so one process may stand for
+  each class (`representatives`: worker -> copies). All-reduces keep the whole group's M
+  (collectives.plan) and the network runs the ring of all copies (network.py); steps,
+  tokens, bytes and utilisation count every copy. Only phantom runs of algorithms that
+  synchronise through all-reduces over all workers may use them (no messages, no groups).
 """
 
 from __future__ import annotations
@@ -114,25 +125,41 @@ class _SimContext(Context):
 
 class SimRuntime:
     def __init__(self, cluster: Cluster, job: Job, algorithm: Algorithm, engine: Engine,
-                 workers: list[Row], recorder, initial: list[torch.Tensor], seed: int = 0):
+                 workers, recorder, initial: list[torch.Tensor], seed: int = 0,
+                 representatives: dict[int, int] | None = None):
+        """`workers`: the engine rows, by worker index (a list, or a dict with the
+        representatives only). `representatives`: worker -> how many identical workers it
+        stands for (see the module docstring); None = every worker runs."""
         self.cluster, self.job, self.algorithm, self.engine = cluster, job, algorithm, engine
         self.initial = initial
         self.recorder = recorder
+        self.phantom = engine.phantom
+        if representatives is not None and not self.phantom:
+            raise ValueError("representatives stand for other workers' arithmetic too: phantom "
+                             "runs only")
         self.step_times = [w.step_time for w in job.workers]  # modelled seconds per step
         self.time = 0.0
         self._heap: list = []
         self._seq = 0
         self.procs: list[_Proc] = []
+        self.copies: dict[int, int] = {}  # worker index -> workers it stands for
         for spec in algorithm.processes():
+            if (representatives is not None and spec.worker is not None
+                    and spec.worker not in representatives):
+                continue  # its representative does what it would do
             proc = _Proc(len(self.procs), spec.name, spec.region, run=spec.run)
             if spec.worker is not None:
                 proc.worker = workers[spec.worker]
+                self.copies[spec.worker] = (representatives or {}).get(spec.worker, 1)
             proc.gen = spec.run(_SimContext(self, proc))
             self.procs.append(proc)
         self.by_name = {p.name: p for p in self.procs}
         self.worker_procs = [p for p in self.procs if p.worker is not None]
+        self.workers_total = sum(self.copies.values())
         self.network = Network(cluster, {p.name: p.region for p in self.procs},
-                               {p.name: p.worker.index for p in self.worker_procs})
+                               {p.name: p.worker.index for p in self.worker_procs},
+                               copies={p.name: self.copies[p.worker.index] for p in self.worker_procs})
+        self._bucketed: dict = {}  # gradients job -> its buckets' all-reduce handles
         self._jitter = [random.Random(f"jitter-{seed}-{w}") for w in range(job.M)]
         self._collectives: dict[tuple, dict] = {}  # (group, index) -> the collective so far
         self._groups = {tuple(sorted(g)) for g in algorithm.groups()}
@@ -178,7 +205,7 @@ class SimRuntime:
                     self._on_network(tag)
             else:
                 self.time, _, _, proc, value = heapq.heappop(self._heap)
-                if isinstance(value, _Finished) and not value.job.finished:
+                if isinstance(value, (_Finished, _BucketReady)) and not value.job.finished:
                     yield value.job
                 self._drive(proc, value)
             self.events_done += 1
@@ -208,6 +235,8 @@ class SimRuntime:
         """Run a process until it blocks; the blocking primitive decides when it resumes."""
         if isinstance(value, _Crash):
             return self._crash(proc, value.restart_at)
+        if isinstance(value, _BucketReady):
+            return self._bucket_ready(proc, value)
         if isinstance(value, _Restart):
             self._restart(proc)
             value = None
@@ -224,10 +253,13 @@ class SimRuntime:
             if job.kind == "apply":
                 value = None
             else:
-                self.inner_steps += job.steps
-                self.tokens += job.steps * job.tokens_per_step
-                self.recorder.on_train(job.steps * job.tokens_per_step, job.steps, job.loss)
+                k = self.copies[proc.worker.index]
+                self.inner_steps += job.steps * k
+                self.tokens += job.steps * job.tokens_per_step * k
+                self.recorder.on_train(job.steps * job.tokens_per_step * k, job.steps * k, job.loss)
                 value = job.result[0] if job.kind == "gradients" else job.result
+                if job in self._bucketed:  # the gradients went to their all-reduces
+                    value = self._bucketed.pop(job)
         while True:
             try:
                 op = proc.gen.send(value)
@@ -240,8 +272,12 @@ class SimRuntime:
                     batch_size=op.batch_size, micro_batch=op.micro_batch))
                 return
             if isinstance(op, Gradients):
-                self._compute(proc, self.engine.submit(proc.worker, "gradients", batch_size=op.batch_size,
-                                                       micro_batch=op.micro_batch))
+                job = self.engine.submit(proc.worker, "gradients", batch_size=op.batch_size,
+                                         micro_batch=op.micro_batch)
+                if op.buckets is None:
+                    self._compute(proc, job)
+                else:
+                    self._bucketed[job] = self._start_buckets(proc, job, op)
                 return
             if isinstance(op, Apply):  # part of the step Gradients already timed
                 job = self.engine.submit(proc.worker, "apply", grads=op.grads, progress=op.progress)
@@ -271,9 +307,9 @@ class SimRuntime:
                 return
             raise TypeError(f"{proc.name} yielded {op!r}, which is not a runtime primitive")
 
-    def _compute(self, proc: _Proc, job) -> None:
+    def _compute(self, proc: _Proc, job, fractions: list[float] = ()) -> list[float]:
         """The job runs whenever the engine gets to it; the worker resumes at the modelled
-        end of its steps."""
+        end of its steps. Returns the times at which these fractions of its work are done."""
         w = proc.worker.index
         # Step time grows with the batch (the FLOPs model is linear in tokens).
         seconds = job.steps * self.step_times[w] * job.batch / proc.worker.batch_size
@@ -284,12 +320,41 @@ class SimRuntime:
         proc.span("compute", self.time, end)
         proc.job, proc.span_start, proc.span_end = job, self.time, end
         self._schedule(end, proc, _Finished(job))
+        return [self.cluster.compute_end(w, self.time, f * seconds) for f in fractions]
+
+    # -- gradient buckets (api.Gradients with buckets: DDP's overlap) -------------------
+    FORWARD_SHARE = 1 / 3  # a training step's FLOPs: forward 2N, backward 4N per token (Kaplan)
+
+    def _start_buckets(self, proc: _Proc, job, op: Gradients) -> list[Handle]:
+        """The backward pass produces the buckets in the given order, each after a share of
+        the backward time proportional to its parameters; each bucket's all-reduce starts
+        when its gradients are ready (a _BucketReady event), while the worker computes on."""
+        sizes = [sum(math.prod(self.job.param_shapes[i]) for i in b) for b in op.buckets]
+        total, done, fractions = sum(sizes), 0, []
+        for n in sizes:
+            done += n
+            fractions.append(self.FORWARD_SHARE + (1 - self.FORWARD_SHARE) * done / total)
+        fractions[-1] = 1.0  # the last bucket is ready as the step ends, exactly
+        handles = [Handle("all_reduce") for _ in op.buckets]
+        for t, bucket, handle in zip(self._compute(proc, job, fractions), op.buckets, handles):
+            self._schedule(t, proc, _BucketReady(job, bucket, handle, op.codec, op.scale))
+        return handles
+
+    def _bucket_ready(self, proc: _Proc, ev: "_BucketReady") -> None:
+        if proc.dead:  # (synchronous algorithms only wait for crashed workers; never here)
+            return
+        grads = ev.job.result[0]
+        tensors = [grads[i] for i in ev.bucket]
+        if ev.scale != 1.0:
+            tensors = [g * ev.scale for g in tensors]
+        self._join_collective(proc, tensors, ev.codec, None, ev.handle)
 
     # -- collectives ----------------------------------------------------------------
-    def _join_collective(self, proc: _Proc, tensors, codec: Codec, group=None) -> Handle:
+    def _join_collective(self, proc: _Proc, tensors, codec: Codec, group=None,
+                         handle: Handle | None = None) -> Handle:
         """Join the all-reduce with this process's next collective index in `group` (all
         workers if None). The arithmetic and the bytes are collectives.plan's, exactly what
-        the real runtime does."""
+        the real runtime does (with the whole group's M when workers have representatives)."""
         if proc.worker is None:
             raise RuntimeError(f"{proc.name} is not a worker; all-reduce is among workers only")
         members = self._members(group)
@@ -298,7 +363,7 @@ class SimRuntime:
         index = proc.collectives.get(members, 0)
         proc.collectives[members] = index + 1
         key = (members, index)
-        handle = Handle("all_reduce")
+        handle = handle or Handle("all_reduce")
         flat = flatten(tensors)  # a copy: the payload is snapshotted when the call is made
         coll = self._collectives.setdefault(key, {"parts": {}, "handles": [], "like": tensors,
                                                   "procs": []})
@@ -307,7 +372,7 @@ class SimRuntime:
         coll["procs"].append(proc)
         if len(coll["parts"]) < len(members):
             return handle
-        plan = collectives.plan(codec, len(members), flat.numel())
+        plan = collectives.plan(codec, sum(self.copies[m] for m in members), flat.numel())
         coll["result"] = self._exchanged("coll", flat.numel(),
                                          lambda: plan.reduce([coll["parts"][m] for m in members]))
         coll["joined"] = self.time
@@ -323,6 +388,9 @@ class SimRuntime:
     def _members(self, group) -> tuple[int, ...]:
         if group is None:
             return tuple(p.worker.index for p in self.worker_procs)
+        if self.workers_total > len(self.worker_procs):
+            raise RuntimeError(f"all-reduce over group {group}: representatives stand for "
+                               "all-reduces over every worker only")
         members = tuple(sorted(group))
         if members not in self._groups:
             raise RuntimeError(f"all-reduce over group {members}, which the algorithm did not "
@@ -332,14 +400,23 @@ class SimRuntime:
     def _send(self, proc: _Proc, dst: str, tensors, codec: Codec, meta: dict) -> Handle:
         if dst not in self.by_name:
             raise RuntimeError(f"{proc.name} sent to unknown process '{dst}'")
-        flat = flatten(tensors)
-        flat = self._exchanged("msg", flat.numel(),
-                               lambda: flat.clone() if codec.lossless else codec.roundtrip(flat))
+        if self.workers_total > len(self.worker_procs):
+            raise RuntimeError(f"{proc.name} sent a message, but representatives stand for "
+                               "algorithms that only all-reduce over every worker")
+        if self.phantom and tensors and getattr(tensors[0], "phantom", False):
+            numel = sum(t.numel() for t in tensors)  # sizes only: no copy, no codec
+            received = [t.clone() for t in tensors]
+        else:
+            flat = flatten(tensors)
+            numel = flat.numel()
+            flat = self._exchanged("msg", numel,
+                                   lambda: flat.clone() if codec.lossless else codec.roundtrip(flat))
+            received = unflatten(flat, tensors)
         meta = self._exchanged("meta", 0, lambda: dict(meta))
-        msg = Message(proc.name, unflatten(flat, tensors), meta, self.time)
+        msg = Message(proc.name, received, meta, self.time)
         self._peers.setdefault(proc.name, set()).add(dst)
         self._peers.setdefault(dst, set()).add(proc.name)
-        nbytes = (codec.nbytes(flat.numel()) if tensors else 0) + HEADER_BYTES
+        nbytes = (codec.nbytes(numel) if tensors else 0) + HEADER_BYTES
         self.peak_payload = max(self.peak_payload, nbytes)
         handle = Handle("send")
         self._seq += 1
@@ -362,7 +439,7 @@ class SimRuntime:
                 p.span("comm", coll["joined"], self.time)
             for handle in coll["handles"]:
                 handle.done = True
-                handle.result = unflatten(coll["result"].clone(), coll["like"])
+                handle.result = _unflatten(coll["result"], coll["like"])
                 self._wake(handle, ready_at=coll["joined"])
             return
         msg, dst, handle = self._messages.pop(key)
@@ -447,6 +524,8 @@ class SimRuntime:
                                    f"{recorded_kind}")
             return value if kind == "meta" else torch.tensor(value, dtype=torch.float32)
         value = compute()
+        if getattr(value, "phantom", False):  # sizes only: nothing to record or replay
+            return value
         if small:
             self.exchanged.append((kind, value if kind == "meta" else value.tolist()))
         return value
@@ -477,6 +556,8 @@ class SimRuntime:
     # -- records --------------------------------------------------------------------
     def _record_replica(self, proc: _Proc, params) -> None:
         """Replicas are compared once every worker has recorded the same round."""
+        if self.phantom:  # no values to compare
+            return
         k = proc.replicas_recorded
         proc.replicas_recorded += 1
         pending = self._replicas.setdefault(k, {})
@@ -493,15 +574,17 @@ class SimRuntime:
 
     def snapshot(self) -> dict:
         t = self.time
-        util = [self.compute_seconds(p, t) / t for p in self.worker_procs] if t > 0 else [1.0]
+        weights = [self.copies[p.worker.index] for p in self.worker_procs]
+        util = ([self.compute_seconds(p, t) / t * k for p, k in zip(self.worker_procs, weights)]
+                if t > 0 else weights)
         net = self.network
         out = {
-            "step": self.inner_steps // len(self.worker_procs),
+            "step": self.inner_steps // self.workers_total,
             "sim_time_s": t,
             "inner_steps": self.inner_steps,
             "bytes_sent": net.bytes_sent,
             "bytes_inter_region": net.bytes_inter_region,
-            "utilization": sum(util) / len(util),
+            "utilization": sum(util) / self.workers_total,
             "peak_link_gbps": max(net.peak_link_bps.values(), default=0.0) / 1e9,
             "bytes_by_host": dict(net.bytes_by_host),
         }
@@ -554,6 +637,23 @@ class RunStuck(UserError):
 class _Finished:
     """A compute span ended: hand the job's result back and count what was done."""
     job: object
+
+
+@dataclass
+class _BucketReady:
+    """The backward pass of a gradients job produced this bucket: start its all-reduce."""
+    job: object
+    bucket: list[int]
+    handle: Handle
+    codec: Codec
+    scale: float
+
+
+def _unflatten(flat, like: list) -> list:
+    """A collective's result for one member: its own copy, shaped like what it sent."""
+    if getattr(flat, "phantom", False):
+        return [t.clone() for t in like]
+    return unflatten(flat.clone(), like)
 
 
 # A paused run's tensors live in the processes' generators and in what is in flight; the

@@ -220,6 +220,8 @@ class DistRuntime:
             elif isinstance(op, Gradients):
                 job = self.engine.submit(self.row, "gradients", batch_size=op.batch_size,
                                          micro_batch=op.micro_batch)
+                if op.buckets is not None:
+                    handles = self._bucket_hooks(job, op)
             else:
                 job = self.engine.submit(self.row, "apply", grads=op.grads, progress=op.progress)
             result = self.engine.complete(job)
@@ -232,6 +234,8 @@ class DistRuntime:
             self.wall_per_step.append(seconds / job.steps)
             self.inner_steps += job.steps
             self.tokens += job.steps * job.tokens_per_step
+            if isinstance(op, Gradients) and op.buckets is not None:
+                return handles
             return result[0] if isinstance(op, Gradients) else result
         if isinstance(op, Wait):
             result = self._wait(op.handle)
@@ -247,6 +251,29 @@ class DistRuntime:
 
     def _span(self, kind: str, started: float) -> None:
         self.spans.append((kind, started, time.perf_counter() - self.t0))
+
+    def _bucket_hooks(self, job, op: Gradients) -> list[Handle]:
+        """DDP's overlap (api.Gradients with buckets): as autograd finishes each parameter's
+        gradient, the engine calls back; a bucket whose gradients are all there starts its
+        all-reduce at once, but only after every earlier bucket has started (collectives
+        must be issued in the same order on every rank, as torch DDP's reducer does)."""
+        handles: list[Handle | None] = [None] * len(op.buckets)
+        owner = {i: k for k, bucket in enumerate(op.buckets) for i in bucket}
+        grads: dict[int, torch.Tensor] = {}
+        left = [len(b) for b in op.buckets]
+        state = {"next": 0}
+
+        def on_grad(i: int, g: torch.Tensor) -> None:
+            grads[i] = g * op.scale if op.scale != 1.0 else g
+            left[owner[i]] -= 1
+            k = state["next"]
+            while k < len(op.buckets) and left[k] == 0:
+                handles[k] = self.start_all_reduce([grads[j] for j in op.buckets[k]], op.codec)
+                k += 1
+            state["next"] = k
+
+        job.on_grad = on_grad
+        return handles
 
     # -- collectives ----------------------------------------------------------------------
     # collectives.plan decides the scheme and the bytes; here each scheme's real exchange.
