@@ -122,13 +122,14 @@ def test_sigterm_leaves_a_marked_incomplete_run_that_is_refused(tmp_path, capsys
     finally:
         proc.kill()
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == f"loco: interrupted; {out} holds an incomplete run"
+    assert err.strip().splitlines()[-1] == (f"loco: interrupted; {out} holds an incomplete run: "
+                                            f"continue it with `loco resume {out}`")
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "interrupted" and not status["complete"]
     assert not (out / "summary.json").exists()
     assert (out / "checkpoint").is_dir()  # run.py's, for `loco resume`
     one_error_line(capsys, ["run", "--quiet", "--out", str(out), *sets()],
-                   "holds an interrupted (incomplete) run", "--force", "another --out")
+                   "holds an interrupted (incomplete) run", "loco resume", "--force", "another --out")
     assert run(["run", "--quiet", "--force", "--out", str(out), *sets()], capsys)[0] == 0
     assert (out / "summary.json").exists()
     assert not (out / "status.json").exists() and not (out / "checkpoint").exists()

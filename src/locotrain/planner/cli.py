@@ -46,7 +46,7 @@ def cmd_plan(args) -> None:
     from ..config import load_config
     from . import papers
     from .bandwidth import BandwidthSearch, parse_targets
-    from .plan import inter_gbps, phantom_workload, run_plan, with_bandwidth, with_rounds
+    from .plan import phantom_workload, run_plan, with_bandwidth
 
     name, base = load_config(args.config, args.set)
     targets = parse_targets(args.find_bandwidth) if args.find_bandwidth else []
@@ -65,11 +65,10 @@ def cmd_plan(args) -> None:
     lo, hi = base.plan.min_gbps, base.plan.max_gbps
     results, found, curves, started = {}, {}, {}, time.perf_counter()
     for spec, cfg in configs.items():
-        short = with_rounds(cfg)
-        result = run_plan(short, spec, budget=cfg.train.tokens, keep_timeline=True)
+        result = run_plan(cfg, spec, keep_timeline=True)
         results[spec] = result
         search = BandwidthSearch(
-            lambda g, c=short, s=spec: run_plan(with_bandwidth(c, g), s).compute_utilization,
+            lambda g, c=cfg, s=spec: run_plan(with_bandwidth(c, g), s).compute_utilization,
             spec, lo, hi)
         if math.isfinite(result.inter_gbps):
             search.points[result.inter_gbps] = result.compute_utilization

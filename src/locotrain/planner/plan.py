@@ -146,10 +146,11 @@ def representatives(setup) -> dict[int, int] | None:
     return {members[0]: len(members) for members in classes.values()}
 
 
-def run_plan(cfg: Config, variant: str = "", *, budget: int | None = None,
-             keep_timeline: bool = False) -> PlanResult:
-    """Simulate `cfg` on phantom compute (already at the bandwidth and length wanted);
-    `budget`: the tokens to project the wall time for (default train.tokens)."""
+def run_plan(cfg: Config, variant: str = "", *, keep_timeline: bool = False) -> PlanResult:
+    """Simulate `cfg` on phantom compute for plan.rounds rounds (with_rounds); the wall
+    time is projected to all of train.tokens."""
+    budget = cfg.train.tokens
+    cfg = with_rounds(cfg)
     if cfg.algorithm.name == "adloco" and cfg.algorithm.settings.batch_test != "none":
         raise UserError("adloco's norm test picks batch sizes from gradient values, which a "
                         "phantom model does not have; plan it with its batch sizes frozen: "
@@ -182,7 +183,7 @@ def run_plan(cfg: Config, variant: str = "", *, budget: int | None = None,
         tokens=stats["tokens"], updates=max((u for _, _, u in recorder.marks), default=0),
         processes=len(runtime.procs), workers=runtime.workers_total,
         events=runtime.events_done, inter_gbps=inter_gbps(cfg),
-        projected_wall_s=_projected(budget or cfg.train.tokens, recorder.marks, window, wall),
+        projected_wall_s=_projected(budget, recorder.marks, window, wall),
         timeline=runtime.timeline() if keep_timeline else [])
 
 

@@ -35,6 +35,7 @@ from ..data import Shard, windows_at
 from ..optim import adamw_stacked, clip_stacked, lion_stacked, lr_at
 
 ENGINES = ("batched", "sequential")
+_ZERO = torch.zeros(())
 
 
 @dataclass(eq=False)
@@ -266,7 +267,8 @@ class Engine:
             if j.kind != "gradients":
                 r.steps += steps
                 r.optimizer_steps += steps
-            loss = torch.zeros((), device=r.bank.device)
+            # (a phantom run shares one zero: nothing it holds is ever restored in place)
+            loss = _ZERO if self.phantom else torch.zeros((), device=r.bank.device)
             j.loss = loss if j.loss is None else j.loss + loss
             j.done, j.finished, r.job = j.steps, True, None
             self.pending.remove(j)

@@ -55,6 +55,12 @@ The model (this is the contract; tests/test_network.py checks it)
 This differs on purpose from the HALoS simulator (github.com/utnslab/halos), which gives
 every transfer the full link bandwidth, with no contention between transfers and no latency.
 
+Rates are recomputed only where something changed: max-min fairness splits exactly along the
+connected components of the graph of flows and the resources they share, so when flows start
+or finish draining only the component holding their resources is recomputed (every flow
+after a capacity breakpoint). This keeps a plan of a thousand workers with a thousand
+concurrent transfers (HALoS, planner/) from recomputing every flow at every event.
+
 Ties: tags completing at the same instant are handed out in the order their transfers were
 started. Times are compared with a relative tolerance of 1e-12 so that advancing exactly to
 a computed drain time always drains the flow (float remainders are snapped to zero).
@@ -137,6 +143,11 @@ class Network:
         self._flying: dict[int, _Flow] = {}  # drained, waiting out their latency
         self._done: list[tuple[int, Any]] = []  # (job seq, tag) completed, not yet handed out
         self._breaks = cluster.capacity_breakpoints()
+        self._users: dict[tuple, set[int]] = {}  # resource -> ids of draining flows using it
+        self._dirty: set[tuple] = set()  # resources whose flows need new rates
+        self._epoch = -1  # breakpoints passed when rates were last computed (all of them)
+        self._caps: dict[tuple, float] = {}  # resource capacities until the next breakpoint
+        self._next: float | None = None  # next_time(), until something changes
         self.bytes_sent = 0
         self.bytes_inter_region = 0
         self.bytes_by_host: dict[str, int] = {h: 0 for h in self.host_regions}
@@ -217,6 +228,8 @@ class Network:
         """Earliest time something happens; math.inf if nothing is pending."""
         if self._done:
             return self.now
+        if self._next is not None:
+            return self._next
         t = math.inf
         for f in self._draining.values():
             t = min(t, f.drain_at)
@@ -226,6 +239,7 @@ class Network:
             i = bisect.bisect_right(self._breaks, self.now)
             if i < len(self._breaks):
                 t = min(t, self._breaks[i])
+        self._next = t
         return t
 
     def advance(self, t: float) -> list:
@@ -348,6 +362,9 @@ class Network:
         self.bytes_inter_region += spec.inter
         f = _Flow(next(self._flow_id), job, spec.usage, spec.bits, spec.bits, spec.latency)
         self._draining[f.id] = f
+        for res in f.usage:
+            self._users.setdefault(res, set()).add(f.id)
+        self._dirty.update(f.usage)
 
     def _catch_up(self, t: float) -> None:
         """Move the clock to t, which must not skip a pending event, and settle everything
@@ -359,9 +376,10 @@ class Network:
             raise ValueError(f"cannot move to {t}: something happens at {nt} first "
                              "(advance to next_time() before starting work later)")
         if t > self.now:
-            dt = t - self.now
+            dt, tol = t - self.now, _tol(t)
+            self._next = None
             for f in self._draining.values():
-                if f.rate == math.inf or t >= f.drain_at - _tol(t):
+                if f.rate == math.inf or t >= f.drain_at - tol:
                     f.bits = 0.0  # reached (or within rounding of) its drain time
                 else:
                     f.bits -= f.rate * dt
@@ -374,11 +392,15 @@ class Network:
         """Apply everything that happens at self.now: flows that finished draining start
         their latency, flows whose latency is over complete (which may start a job's next
         phase), and rates are recomputed. Repeats until nothing changes at this instant."""
+        self._next = None
         while True:
             changed = False
             for f in list(self._draining.values()):
                 if f.bits <= 0:
                     del self._draining[f.id]
+                    for res in f.usage:
+                        self._users[res].discard(f.id)
+                    self._dirty.update(f.usage)
                     f.arrive_at = self.now + f.latency
                     self._flying[f.id] = f
                     changed = True
@@ -410,17 +432,44 @@ class Network:
         """Whether some transfer is waiting for a capacity that will never come back."""
         return any(f.rate == 0 for f in self._draining.values())
 
+    def _changed_flows(self) -> list[_Flow]:
+        """The draining flows whose rates may have changed: all of them after a capacity
+        breakpoint, else the connected components of the resources marked dirty."""
+        epoch = bisect.bisect_right(self._breaks, self.now)
+        dirty, self._dirty = self._dirty, set()
+        if epoch != self._epoch:
+            self._epoch, self._caps = epoch, {}
+            return list(self._draining.values())
+        ids: set[int] = set()
+        seen: set[tuple] = set()
+        stack = list(dirty)
+        while stack:
+            res = stack.pop()
+            if res in seen:
+                continue
+            seen.add(res)
+            for i in self._users.get(res, ()):
+                if i not in ids:
+                    ids.add(i)
+                    stack.extend(self._draining[i].usage)
+        return [self._draining[i] for i in sorted(ids)]  # creation order, as a full pass
+
     def _rates(self) -> None:
         """Max-min fair rates by progressive filling: raise every unfrozen flow's rate
         together until some resource is full, freeze the flows crossing it, repeat."""
-        flows = list(self._draining.values())
+        flows = self._changed_flows()
+        if not flows:
+            return
         left: dict[tuple, float] = {}  # capacity not yet taken by frozen flows
         weight: dict[tuple, int] = {}  # sum of multiplicities of unfrozen flows
         unfrozen = []
+        caps = self._caps
         for f in flows:
             for res in f.usage:
                 if res not in left:
-                    left[res] = self._capacity(res)
+                    if res not in caps:
+                        caps[res] = self._capacity(res)
+                    left[res] = caps[res]
             f.finite = [res for res in f.usage if left[res] != math.inf]
             if f.finite:
                 unfrozen.append(f)

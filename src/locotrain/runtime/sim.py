@@ -364,7 +364,7 @@ class SimRuntime:
         proc.collectives[members] = index + 1
         key = (members, index)
         handle = handle or Handle("all_reduce")
-        flat = flatten(tensors)  # a copy: the payload is snapshotted when the call is made
+        flat = _flatten(tensors)  # a copy: the payload is snapshotted when the call is made
         coll = self._collectives.setdefault(key, {"parts": {}, "handles": [], "like": tensors,
                                                   "procs": []})
         coll["parts"][proc.worker.index] = flat
@@ -647,6 +647,13 @@ class _BucketReady:
     handle: Handle
     codec: Codec
     scale: float
+
+
+def _flatten(tensors: list):
+    """codecs.flatten; of phantoms, one phantom of their total size (no copy to make)."""
+    if tensors and getattr(tensors[0], "phantom", False):
+        return type(tensors[0])((sum(t.numel() for t in tensors),))
+    return flatten(tensors)
 
 
 def _unflatten(flat, like: list) -> list:

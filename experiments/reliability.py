@@ -1,0 +1,151 @@
+"""Faults injected, runs completed, tokens lost, time to detect and to recover, and what a
+checkpoint costs; the tables of docs/reliability.md.
+
+    python experiments/reliability.py --out docs/results/reliability
+
+Simulation: every algorithm on two-datacenters (4 workers, quickstart-size model), one
+worker crashing mid-run and restarting 30 s later (cluster.on_crash = "wait"; for the
+parameter-server algorithms also "drop", in which the process dies and comes back fresh).
+Real runs (CPU, gloo, loopback): a worker killed (SIGKILL) mid-run and a worker stopped
+(SIGSTOP), with runtime.timeout_s = 10; the time to detect is when the survivors' log says
+so, after the fault. Checkpoints: the seconds and bytes of one checkpoint of the quickstart
+and of the nanoGPT-size model (two-datacenters preset), on this CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from locotrain.config import load_config
+from locotrain.run import Simulation, engine_for, simulate
+
+SMALL = ["train.tokens=262144", "eval.windows=50", "sample.chars=20", "cluster.size=4",
+         "cluster.step_time_s=0.05"]
+ALGORITHMS = {"ddp": [], "diloco": ["algorithm.H=20"], "streaming": ["algorithm.H=20",
+              "algorithm.fragments=2", "algorithm.tau=1"], "eager": ["algorithm.H=20"],
+              "overlap_local_sgd": ["algorithm.H=20"], "async_local_sgd": ["algorithm.H=20"],
+              "halos": ["algorithm.H=20", "algorithm.K=4"]}
+
+
+def simulated() -> list[dict]:
+    rows = []
+    for name, extra in ALGORITHMS.items():
+        base = ["algorithm.name=" + name, *extra, *SMALL]
+        plain = simulate(load_config("quickstart", base)[1]).summary
+        modes = ["wait"] + (["drop"] if name in ("async_local_sgd", "halos") else [])
+        for mode in modes:
+            crash_at = round(plain["sim_time_s"] / 2, 2)
+            cfg = load_config("quickstart", base + [
+                f"cluster.on_crash={mode}",
+                f"cluster.crashes=[{{worker=1, at_s={crash_at}, restart_after_s=30.0}}]"])[1]
+            s = simulate(cfg).summary
+            rows.append({"algorithm": name, "on_crash": mode, "faults": 1, "completed": True,
+                         "crash_at_s": crash_at, "down_s": 30.0,
+                         "sim_time_s": s["sim_time_s"], "sim_time_without_s": plain["sim_time_s"],
+                         "tokens_trained": s["tokens_trained"], "tokens_in_model": s["tokens_in_model"],
+                         "tokens_lost": s["tokens_lost"], "final_val_bpc": s["final_val_bpc"],
+                         "final_val_bpc_without": plain["final_val_bpc"]})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _rank_pids(out: Path) -> dict[int, int]:
+    """RANK -> pid of the ranks of the `loco launch` writing to `out`."""
+    pids = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"locotrain.distributed" in b" ".join(cmd) and str(out).encode() in b" ".join(cmd):
+            for kv in env:
+                if kv.startswith(b"RANK="):
+                    pids[int(kv[5:])] = int(entry.name)
+    return pids
+
+
+def real(fault: str, algorithm: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        sets = ["model.depth=1", "model.width=64", "model.heads=2", "model.seq_len=32",
+                "train.batch_size=8", "train.tokens=4000000", "eval.windows=20",
+                "sample.chars=10", "cluster.size=2", "runtime.timeout_s=10",
+                f"algorithm.name={algorithm}", "algorithm.H=8", "train.threads=1"]
+        cmd = [sys.executable, "-m", "locotrain", "launch", "quickstart", "--quiet", "--out",
+               str(out)] + sum((["--set", s] for s in sets), [])
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while not (out / "metrics.jsonl").exists() and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(3)
+        pids = _rank_pids(out)
+        fault_at = time.monotonic()
+        os.kill(pids[1], signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+        try:
+            _, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        ended = time.monotonic()
+        summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
+        logs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
+                if '"log"' in x] if (out / "metrics.jsonl").exists() else []
+        detected = next((e["time_s"] for e in logs if "died" in e["text"] or "gone" in e["text"]), None)
+        return {"algorithm": algorithm, "fault": fault, "exit_code": proc.returncode,
+                "completed": summary is not None, "seconds_after_fault_to_end": round(ended - fault_at, 1),
+                "log_time_of_detection_s": detected,
+                "tokens": summary["tokens"] if summary else None,
+                "dead_processes": summary.get("dead_processes") if summary else None,
+                "stderr_tail": err.strip().splitlines()[-2:], "wall_s": round(ended - started, 1)}
+
+
+def checkpoint_cost(preset: str, overrides: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(preset, overrides)[1]
+        engine = engine_for(cfg)
+        sim = Simulation(cfg, engine, Path(tmp) / "run")
+        engine.start()
+        sim.start()
+        started = time.perf_counter()
+        sim.checkpoint()
+        seconds = time.perf_counter() - started
+        size = sum(f.stat().st_size for f in (Path(tmp) / "run" / "checkpoint").iterdir())
+        return {"preset": preset, "params": sim.setup.workload.num_params(),
+                "workers": sim.setup.job.M, "seconds": round(seconds, 3), "bytes": size}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--skip-real", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"date": time.strftime("%Y-%m-%d"), "load_before": os.getloadavg()[0],
+               "simulated": simulated(),
+               "checkpoints": [checkpoint_cost("quickstart", []),
+                               checkpoint_cost("two-datacenters", ["train.compile=false"])]}
+    print(json.dumps(results["checkpoints"]), flush=True)
+    if not args.skip_real:
+        results["real"] = [real(f, a) for a in ("diloco", "async_local_sgd") for f in ("kill", "stop")]
+        for r in results["real"]:
+            print(json.dumps(r), flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
