@@ -111,6 +111,28 @@ def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x, w.transpose(1, 2))
 
 
+def block(spec: Backbone, i: int, x: torch.Tensor, B: int, cos: torch.Tensor,
+          sin: torch.Tensor, linear, p_drop: float = 0.0, train: bool = False) -> torch.Tensor:
+    """Transformer block i on the hidden states x (W, B*T, width) of W models; `linear(h,
+    name)` applies weight `name` (a batched matmul here; the pipeline stages pass one that
+    keeps what 2BP's deferred weight gradients need)."""
+    W, N, d = x.shape
+    T = N // B
+    heads = (W * B, T, spec.heads, spec.head_dim)
+    h = _rms_norm(x)
+    q, k, v = (linear(h, f"h{i}.{w}").view(heads) for w in ("wq", "wk", "wv"))
+    q, k = _rms_norm(_rotate(q, cos, sin)), _rms_norm(_rotate(k, cos, sin))
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        is_causal=spec.causal, dropout_p=p_drop,
+    )
+    y = linear(y.transpose(1, 2).reshape(W, N, d), f"h{i}.wo")
+    x = x + F.dropout(y, p_drop, training=train)
+    h = _rms_norm(x)
+    y = linear(F.relu(linear(h, f"h{i}.fc")).square(), f"h{i}.proj")
+    return x + F.dropout(y, p_drop, training=train)
+
+
 def forward(
     spec: Backbone,
     params: Params,
@@ -144,20 +166,7 @@ def forward(
         x = x + F.layer_norm(latent.reshape(W, N, d), (d,)) * w[:, None, :] + b[:, None, :]
     x = _rms_norm(x)
     for i in range(spec.depth):
-        h = _rms_norm(x)
-        q = _linear(h, params[f"h{i}.wq"]).view(W * B, T, spec.heads, spec.head_dim)
-        k = _linear(h, params[f"h{i}.wk"]).view(W * B, T, spec.heads, spec.head_dim)
-        v = _linear(h, params[f"h{i}.wv"]).view(W * B, T, spec.heads, spec.head_dim)
-        q, k = _rms_norm(_rotate(q, cos, sin)), _rms_norm(_rotate(k, cos, sin))
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=spec.causal, dropout_p=p_drop,
-        )
-        y = _linear(y.transpose(1, 2).reshape(W, N, d), params[f"h{i}.wo"])
-        x = x + F.dropout(y, p_drop, training=train)
-        h = _rms_norm(x)
-        y = _linear(F.relu(_linear(h, params[f"h{i}.fc"])).square(), params[f"h{i}.proj"])
-        x = x + F.dropout(y, p_drop, training=train)
+        x = block(spec, i, x, B, cos, sin, lambda h, name: _linear(h, params[name]), p_drop, train)
     hidden = _rms_norm(x)
     logits = _linear(hidden, params["head"]).float()
     if spec.softcap > 0:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models.backbone import Backbone
+from ..models.backbone import Backbone, block
+from ..models.backbone import _rms_norm  # the same norm as the backbone's
 
 
 def split_blocks(depth: int, S: int) -> list[range]:
@@ -115,17 +116,6 @@ def weight_grads(entries: list[tuple], shapes: dict[str, tuple], concat: bool = 
     return out
 
 
-def _rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-
-
 def stage_forward(spec: Backbone, params: dict[str, torch.Tensor], S: int, s: int,
                   x: torch.Tensor, rotary, ops: Ops, targets: torch.Tensor | None = None,
                   scale: float = 1.0) -> torch.Tensor:
@@ -137,20 +127,10 @@ def stage_forward(spec: Backbone, params: dict[str, torch.Tensor], S: int, s: in
     cos, sin = rotary[0][:T], rotary[1][:T]
     if s == 0:
         x = _rms_norm(ops.embed(x, params["wte"], "wte"))
-    H, hd = spec.heads, spec.head_dim
+    x = x.reshape(1, B * T, spec.width)  # the backbone's blocks take a stack of models
     for i in split_blocks(spec.depth, S)[s]:
-        p = {w: params[f"h{i}.{w}"] for w in ("wq", "wk", "wv", "wo", "fc", "proj")}
-        h = _rms_norm(x)
-        q = ops.linear(h, p["wq"], f"h{i}.wq").view(B, T, H, hd)
-        k = ops.linear(h, p["wk"], f"h{i}.wk").view(B, T, H, hd)
-        v = ops.linear(h, p["wv"], f"h{i}.wv").view(B, T, H, hd)
-        q, k = _rms_norm(_rotate(q, cos, sin)), _rms_norm(_rotate(k, cos, sin))
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                           v.transpose(1, 2), is_causal=spec.causal)
-        x = x + ops.linear(y.transpose(1, 2).reshape(B, T, spec.width), p["wo"], f"h{i}.wo")
-        h = _rms_norm(x)
-        x = x + ops.linear(F.relu(ops.linear(h, p["fc"], f"h{i}.fc")).square(), p["proj"],
-                           f"h{i}.proj")
+        x = block(spec, i, x, B, cos, sin, lambda h, name: ops.linear(h, params[name], name))
+    x = x.view(B, T, spec.width)
     if s < S - 1:
         return x
     logits = ops.linear(_rms_norm(x), params["head"], "head").float()
