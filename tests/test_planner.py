@@ -13,7 +13,7 @@ from locotrain.errors import UserError
 from locotrain.planner import cli as plan_cli
 from locotrain.planner.bandwidth import BandwidthSearch, parse_targets
 from locotrain.planner.phantom import PhantomTensor
-from locotrain.planner.plan import inter_gbps, run_plan, with_bandwidth
+from locotrain.planner.plan import inter_gbps, run_plan, steady_window, with_bandwidth
 from locotrain.run import simulate
 from locotrain.runtime.engine import Engine
 from locotrain.runtime.network import ring_allreduce_time
@@ -173,6 +173,16 @@ def test_streaming_exposes_what_tau_steps_do_not_hide(tau, gbps):
     c = transfer(N / 4, gbps)
     rounds, P = 3, 4
     assert r.wall_s == pytest.approx(rounds * 8 * T + (rounds * P - 1) * max(0.0, c - tau * T) + P * c)
+
+
+def test_steady_state_leaves_out_the_start_and_the_end():
+    # Overlapped fragments (0.28 s) shorter than tau T = 0.5 s: the steady state computes all
+    # the time; the whole run does not (the final syncs block).
+    r = run_plan(two_dc("algorithm.name=streaming", "algorithm.H=8", "algorithm.fragments=4",
+                        "algorithm.tau=1", f"train.tokens={24 * PER_STEP}"))
+    assert r.compute_utilization == 1.0 > r.utilization
+    marks = [(0.0, 0, 0)] + [(10.0 * u, 0, u) for u in range(1, 9)] + [(99.0, 0, 8)]
+    assert steady_window(marks) == (20.0, 60.0)  # updates 2 to 6 of 8
 
 
 def test_fp4_streaming_sends_an_eighth_plus_scales():

@@ -3,6 +3,7 @@ on loopback), against the simulator, with dead workers and clean shutdowns."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -166,3 +167,45 @@ def test_launch_checks_the_process_count(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "runs 3 processes (2 workers + 1 server(s))" in err and "--nproc says 2" in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("algorithm", [
+    ["algorithm.name=diloco", "algorithm.H=4"],
+    ["algorithm.name=streaming", "algorithm.H=4", "algorithm.fragments=2", "algorithm.tau=1",
+     "algorithm.alpha=0.5", "model.depth=2"],
+    ["algorithm.name=eager", "algorithm.H=4"],
+    ["algorithm.name=ddp"],
+], ids=["diloco", "streaming", "eager", "ddp"])
+def test_a_real_run_resumes_from_its_checkpoint_to_the_same_end(tmp_path, algorithm):
+    """Checkpoints every 2048 tokens; the launcher is stopped (SIGTERM) once one exists;
+    `loco resume` continues: the same metrics, bytes and model as a run never stopped."""
+    sets = [*algorithm, "train.tokens=65536", "train.checkpoint_every=4096", "train.threads=1"]
+    proc, whole, _ = launch(tmp_path, *sets, name="whole")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "stopped"
+    args = [sys.executable, "-m", "locotrain", "launch", "quickstart", "--quiet", "--out", str(out)]
+    for o in REAL + sets:
+        args += ["--set", o]
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint" / "real.json").exists() and child.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    child.communicate(timeout=60)
+    if (out / "summary.json").exists():
+        pytest.skip("the run finished before the launcher could be stopped")  # a fast machine
+    done = subprocess.run([sys.executable, "-m", "locotrain", "resume", str(out)],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    def evals(folder):
+        return [(e["tokens"], e["val_loss"], e["bytes_sent"]) for e in
+                map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+                if e["event"] == "eval"]
+
+    assert evals(out) == evals(whole)
+    assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    a, b = (json.loads((f / "summary.json").read_text()) for f in (whole, out))
+    assert a["bytes_sent"] == b["bytes_sent"] and a["tokens"] == b["tokens"]
+    assert no_stray_processes(out)

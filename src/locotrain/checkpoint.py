@@ -64,25 +64,27 @@ STATE_DIR, STATE_META = "checkpoint", "state.json"
 STATE_FORMAT = 1
 
 
-def save_run_state(out: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def save_run_state(out: Path, tensors: dict[str, torch.Tensor], meta: dict,
+                   name: str = "state") -> None:
+    """`name`.json and its tensors (a simulated run has one state; a real run one per rank)."""
     folder = out / STATE_DIR
-    name = f"state-{meta['events']}.safetensors"
+    prefix, name = name, f"{name}-{meta['events']}.safetensors"
     blob = st_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
     atomic_write(folder / name, blob)
     meta = {"format": STATE_FORMAT, **meta, "tensors": name,
             "tensors_sha256": hashlib.sha256(blob).hexdigest()}
-    atomic_write(folder / STATE_META, json.dumps(meta))
-    for old in folder.glob("state-*.safetensors"):
+    atomic_write(folder / f"{prefix}.json", json.dumps(meta))
+    for old in folder.glob(f"{prefix}-*.safetensors"):
         if old.name != name:
             old.unlink()
 
 
-def load_run_state(out: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def load_run_state(out: Path, name: str = "state") -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) of the run's last checkpoint; one clear error if anything is off."""
     folder = Path(out) / STATE_DIR
-    meta_path = folder / STATE_META
+    meta_path = folder / f"{name}.json"
     if not meta_path.is_file():
-        raise UserError(f"'{out}' holds no checkpoint to resume from ({STATE_DIR}/{STATE_META}); "
+        raise UserError(f"'{out}' holds no checkpoint to resume from ({STATE_DIR}/{meta_path.name}); "
                         "runs write one when interrupted or every train.checkpoint_every tokens")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))

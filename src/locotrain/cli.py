@@ -115,8 +115,11 @@ def cmd_compare(args) -> None:
 def cmd_resume(args) -> None:
     from .config import load_config
     from .run import resume, set_threads
+    from .runtime.dist_checkpoint import real_checkpoint
 
     out = Path(args.dir)
+    if real_checkpoint(out):
+        return _resume_real(out, args)
     if (out / "config.toml").is_file():
         set_threads(load_config(str(out / "config.toml"))[1])
     s = resume(out, args.set, quiet=args.quiet).summary
@@ -124,6 +127,26 @@ def cmd_resume(args) -> None:
     print(f"{s['algorithm']} on {s['workers']} worker(s), resumed: final val {bound}"
           f"{s['final_val_bpc']:.4f} bpc (best {s['best_val_bpc']:.4f}), "
           f"{s['sim_time_s']:.1f} s simulated -> {out}")
+
+
+def _resume_real(out: Path, args) -> None:
+    """A run of `loco launch` that wrote checkpoints: launch its ranks again, resuming."""
+    from .config import load_config
+    from .runtime.launch import launch
+    from .setup import build
+
+    if args.set:
+        raise UserError("a real run resumes with the settings it was launched with; drop --set")
+    cfg = load_config(str(out / "config.toml"))[1]
+    setup = build(cfg)
+    code = launch(cfg, out, setup.algorithm.processes(), setup.job.M,
+                  setup.algorithm.synchronous, None, False, resume=True)
+    if code != 0:
+        raise SystemExit(code)
+    (out / "status.json").unlink(missing_ok=True)
+    s = json.loads((out / "summary.json").read_text())
+    print(f"{s['algorithm']} on {s['workers']} worker process(es), resumed: final val "
+          f"{s['final_val_bpc']:.4f} bpc, {s['tokens']:,} tokens -> {out}")
 
 
 def cmd_sweep(args) -> None:

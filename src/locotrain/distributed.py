@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--prepared", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     args = ap.parse_args(argv)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[SECRET_ENV] = resolve_secret(cfg.runtime.secret)
         cfg.runtime.secret = ""
         rt = DistRuntime(cfg, build(cfg), rank, world, local_rank,
-                         Path(args.out) if args.out else None, args.force, args.prepared)
+                         Path(args.out) if args.out else None, args.force,
+                         args.prepared or args.resume, resume=args.resume)
         rt.run()
         rt.finish()
         finished = True

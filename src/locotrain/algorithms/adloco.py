@@ -201,19 +201,28 @@ def inner_product_test(b: int, M: int, numel: int, mean_sq_norm: float, gbar_sq:
 
 class CountSketch:
     """x -> S x in R^dim: every coordinate added, with a seeded random sign, to a seeded random
-    bucket. Linear, the same on every worker, and E||S x||^2 = ||x||^2, E<Sx, Sy> = <x, y>."""
+    bucket. Linear, the same on every worker, and E||S x||^2 = ||x||^2, E<Sx, Sy> = <x, y>.
+    Its tables (12 bytes a parameter) live in a module-level cache, shared by the simulator's
+    workers and outside what a checkpoint walks (they are rebuilt from the seed)."""
 
     def __init__(self, numel: int, dim: int, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.bucket = torch.randint(dim, (numel,), generator=g)
-        self.sign = torch.randint(0, 2, (numel,), generator=g).float().mul_(2).sub_(1)
-        self.dim = dim
+        self.numel, self.dim, self.seed = numel, dim, seed
+
+    def tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (self.numel, self.dim, self.seed, str(device))
+        if key not in _SKETCH_TABLES:
+            g = torch.Generator().manual_seed(self.seed)
+            bucket = torch.randint(self.dim, (self.numel,), generator=g)
+            sign = torch.randint(0, 2, (self.numel,), generator=g).float().mul_(2).sub_(1)
+            _SKETCH_TABLES[key] = (bucket.to(device), sign.to(device))
+        return _SKETCH_TABLES[key]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bucket.device != x.device:
-            self.bucket, self.sign = self.bucket.to(x.device), self.sign.to(x.device)
-        return torch.zeros(self.dim, dtype=x.dtype, device=x.device).index_add_(
-            0, self.bucket, x * self.sign)
+        bucket, sign = self.tables(x.device)
+        return torch.zeros(self.dim, dtype=x.dtype, device=x.device).index_add_(0, bucket, x * sign)
+
+
+_SKETCH_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def describe(members: dict[int, list[int]], batch: dict[int, int]) -> str:

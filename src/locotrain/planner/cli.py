@@ -182,7 +182,9 @@ def _plain_table(name, configs, results) -> str:
                     f"{r.compute_utilization:.4f} | {r.utilization:.4f} | {_fmt_bytes(r.bytes_sent)} | "
                     f"{peak:.3g} ({link}) | {_fmt_time(r.projected_wall_s)} "
                     f"({configs[v].train.tokens:.3g} tokens) |")
-    return f"{name}: {next(iter(results.values())).updates} outer updates simulated\n" + "\n".join(rows)
+    rounds = next(iter(configs.values())).plan.rounds
+    what = f"plan.rounds = {rounds} rounds" if rounds else "all of train.tokens"
+    return f"{name}: {what} simulated per variant\n" + "\n".join(rows)
 
 
 def _bandwidth_table(configs, found, targets, papers) -> str:

@@ -10,9 +10,10 @@ declared sizes without doing their arithmetic (runtime/collectives.py, runtime/s
 
 Why a small class and not torch's "meta" device. Meta tensors support every op our
 algorithms use, but each op goes through the dispatcher: measured on this 2-core machine
-(torch 2.13, a busy host) about 270 us per element-wise op, against about 1 us here
-(benchmarks/planner_scale.py prints both). A 100B-parameter Streaming DiLoCo plan with 1,000
-rounds runs ~10^6 such ops, so meta tensors would cost minutes where this costs seconds.
+(torch 2.13, shared with other jobs) 270-610 us per op of the kinds our algorithms run,
+against 0.8-2 us here (benchmarks/planner_scale.py prints both). A 100B-parameter Streaming
+DiLoCo plan with 1,000 rounds runs ~10^6 such ops: minutes with meta tensors, about a second
+with these.
 torch functions reach the class through `__torch_function__` (torch.cat, torch.stack,
 torch.zeros_like, torch._foreach_*, ...), methods and operators are plain Python.
 

@@ -52,7 +52,7 @@ def _raise_stopped(signum, frame):
 
 
 def launch(cfg, out: Path, procs: list, workers: int, synchronous: bool, nproc: int | None,
-           force: bool, entry: list[str] | None = None) -> int:
+           force: bool, entry: list[str] | None = None, resume: bool = False) -> int:
     """Run the config's processes `procs` (the algorithm's, from the caller: this module
     imports no algorithm), of which the first `workers` are workers. `entry` is the command
     each rank runs, `python -m locotrain.distributed` unless a test passes its own (fault
@@ -72,8 +72,9 @@ def launch(cfg, out: Path, procs: list, workers: int, synchronous: bool, nproc: 
         secret = secrets.token_hex(32)
     # The children read the secret from their environment; it never goes into the run folder.
     cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, secret=""))
-    prepare_out_dir(out, force)
-    atomic_write(out / "config.toml", to_toml(cfg))
+    if not resume:  # a resumed run continues in its folder, from its config.toml
+        prepare_out_dir(out, force)
+        atomic_write(out / "config.toml", to_toml(cfg))
 
     # torch's TCPStore has no bind address: given a host name it still listens on every
     # interface. It does take a socket we already bound (master_listen_fd), so the store
@@ -98,7 +99,7 @@ def launch(cfg, out: Path, procs: list, workers: int, synchronous: bool, nproc: 
             base.setdefault("GLOO_SOCKET_IFNAME", lo)
             base.setdefault("NCCL_SOCKET_IFNAME", lo)
     cmd = (entry or [sys.executable, "-m", "locotrain.distributed"]) + [
-        str(out / "config.toml"), "--out", str(out), "--prepared"]
+        str(out / "config.toml"), "--out", str(out), "--prepared"] + (["--resume"] if resume else [])
     children: list[subprocess.Popen] = []
     previous = {}
     try:

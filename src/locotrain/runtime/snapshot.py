@@ -27,6 +27,8 @@ from collections import deque
 
 import torch
 
+from .api import Handle
+
 SKIP_TYPES: tuple[type, ...] = ()
 
 
@@ -58,6 +60,8 @@ def _children(obj) -> list:
         return list(obj)
     if isinstance(obj, dict):
         return [v for _, v in obj.items()]
+    if isinstance(obj, Handle):  # its result; `state` is the runtime's own exchange buffers
+        return [obj.result]
     if isinstance(obj, types.GeneratorType):
         frame = obj.gi_frame
         if frame is None:  # finished

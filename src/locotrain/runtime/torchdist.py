@@ -56,6 +56,7 @@ from ..workloads import build_workload
 from . import collectives
 from .api import Apply, Context, Gradients, Handle, Message, Recv, ServerStep, Train, Wait
 from .transport import Transport
+from .dist_checkpoint import Checkpoints
 from .engine import Engine
 
 
@@ -113,7 +114,7 @@ class _Context(Context):
 
 class DistRuntime:
     def __init__(self, cfg, setup, rank: int, world: int, local_rank: int, out: Path | None,
-                 force: bool, prepared: bool):
+                 force: bool, prepared: bool, resume: bool = False):
         """`setup` is setup.build(cfg)'s: the algorithm comes from the caller, so that this
         runtime never imports one."""
         self.cfg, self.rank, self.out, self.force, self.prepared = cfg, rank, out, force, prepared
@@ -191,6 +192,11 @@ class DistRuntime:
         self.scattering: list[Handle] = []  # quantised reduce-scatters in their first phase
         self.tokens = self.inner_steps = 0
         self.logs: list[str] = [note] if note and rank == 0 else []
+        self.ckpt = Checkpoints(self, cfg.train.checkpoint_every if out else 0)
+        if cfg.train.checkpoint_every and not setup.algorithm.synchronous and rank == 0:
+            self.logs.append("train.checkpoint_every: real runs of parameter-server algorithms "
+                             "write no checkpoints (no consistent cut without stopping the servers)")
+        self.resuming = resume
         # A common start through the store: a collective barrier would need every rank,
         # CPU-only servers included, to agree on a backend device.
         self.store.set(f"locotrain/ready/{rank}", "1")
@@ -199,7 +205,9 @@ class DistRuntime:
 
     # -- the driver -----------------------------------------------------------------------
     def run(self) -> None:
-        gen = self.spec.run(_Context(self))
+        self.gen = gen = self.spec.run(_Context(self))
+        if self.resuming:
+            self.ckpt.resume()  # replays up to the checkpoint, then restores it
         value = None
         while True:
             try:
@@ -207,6 +215,7 @@ class DistRuntime:
             except StopIteration:
                 break
             value = self._execute(op)
+            self.ckpt.after(value)
         self.finished_at = time.perf_counter() - self.t0
 
     def _execute(self, op):
@@ -278,6 +287,8 @@ class DistRuntime:
     # -- collectives ----------------------------------------------------------------------
     # collectives.plan decides the scheme and the bytes; here each scheme's real exchange.
     def start_all_reduce(self, tensors, codec, group=None) -> Handle:
+        if self.ckpt.replaying:
+            return self.ckpt.replayed(tensors)
         members = tuple(range(self.job.M)) if group is None else tuple(sorted(group))
         if members not in self.groups:
             raise RuntimeError(f"all-reduce over group {members}, which the algorithm did not "
@@ -293,6 +304,7 @@ class DistRuntime:
         self.peak_payload = max(self.peak_payload, plan.payload_bytes)
         if M == 1:
             handle.done, handle.result = True, unflatten(plan.reduce([flat]), tensors)
+            self.ckpt.finished(handle)
             return handle
         group = self.groups[members]
         if plan.scheme == "ring":
@@ -308,6 +320,7 @@ class DistRuntime:
             work = dist.all_to_all_single(received, encoded, group=group, async_op=True)
             handle.state |= {"received": received, "work": work, "phase": 1}
             self.scattering.append(handle)
+        self.ckpt.started(handle)
         return handle
 
     def advance_collectives(self, block: bool = False) -> None:
@@ -359,6 +372,7 @@ class DistRuntime:
             chunks = [plan.codec.decode(b, plan.chunk) for b in handle.state["out"].view(M, size)]
             flat = torch.cat(chunks)[:plan.numel]
         handle.done, handle.result = True, unflatten(flat, handle.state["like"])
+        self.ckpt.finished(handle)
         return handle.result
 
     # -- messages -------------------------------------------------------------------------
@@ -450,6 +464,9 @@ class DistRuntime:
             for text in self.logs:
                 self.recorder.log(text)
         params = [p.to(self.device) for p in params]
+        if self.ckpt.replaying:  # a resumed rank on its way to the checkpoint: record nothing
+            self.recorder.last = (params, tokens, updates, self._snapshot)
+            return
         self.recorder.publish(params, tokens, updates, self._snapshot)
 
     def _snapshot(self) -> dict:
@@ -463,6 +480,8 @@ class DistRuntime:
         return out
 
     def log(self, text: str) -> None:
+        if self.ckpt.replaying:
+            return
         print(text, file=sys.stderr, flush=True)
         if self.recorder is not None:
             self.recorder.log(text)

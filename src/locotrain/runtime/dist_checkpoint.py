@@ -1,0 +1,187 @@
+"""Checkpoints of real runs (runtime/torchdist.py), the way the simulator's work
+(runtime/snapshot.py): each rank saves its worker's state and every tensor its process holds;
+a resumed rank replays its process without arithmetic or communication up to the saved
+point and copies the values back.
+
+A checkpoint of several processes must be a consistent cut: no rank may be past an exchange
+another has not reached. Synchronous algorithms give one for free: every worker runs the
+same sequence of all-reduces. Rank 0 decides, after its c-th all-reduce of all workers, that
+the checkpoint comes after the next one it has not joined yet and says so through
+torch.distributed's store before it joins that one; no rank can finish it before rank 0 has
+joined it, so every rank reads the decision in time. At that point each rank completes the
+all-reduces it started and has not waited for (the same ones on every rank), saves
+`checkpoint/rank<r>.json` and its tensors, and rank 0 writes `checkpoint/real.json` once
+every rank has. Parameter-server
+algorithms have no such cut without stopping the servers, and are not checkpointed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import deque
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import STATE_DIR, load_run_state, save_run_state
+from ..errors import UserError
+from ..metrics import atomic_write
+from . import snapshot
+from .api import Handle
+
+MANIFEST = "real.json"
+SMALL = 4096  # all-reduce results up to this many values are recorded for replays
+_AT = "locotrain/checkpoint/at"
+
+
+class Checkpoints:
+    def __init__(self, rt, every_tokens: int):
+        self.rt = rt
+        self.every = every_tokens if rt.setup.algorithm.synchronous else 0
+        self.next = self.every
+        self.events = 0  # primitives this rank's process has yielded
+        self.reduces = 0  # all-reduces of all workers completed, in program order
+        self.outstanding: list[Handle] = []  # started, not yet waited for
+        self.exchanged: list = []  # small all-reduce results, in order
+        self.replay: dict | None = None
+        self.due = False  # a checkpoint after the primitive under way
+
+    # -- hooks of the runtime ----------------------------------------------------------------
+    def started(self, handle: Handle) -> None:
+        self.outstanding.append(handle)
+
+    def finished(self, handle: Handle) -> None:
+        """An all-reduce completed (the runtime's _wait)."""
+        if handle in self.outstanding:
+            self.outstanding.remove(handle)
+        result = handle.result
+        if sum(t.numel() for t in result) <= SMALL:
+            self.exchanged.append([t.detach().cpu().reshape(-1).tolist() for t in result])
+        if handle.state.get("group") != tuple(range(self.rt.job.M)) or not self.every:
+            return
+        self.reduces += 1
+        rt = self.rt
+        if rt.rank == 0 and rt.tokens * rt.job.M >= self.next:
+            # The first all-reduce rank 0 has not joined yet (it may have started some already:
+            # eager updates and Streaming DiLoCo's overlap): nobody can finish it before
+            # rank 0 joins it, which it does after it has said so.
+            at = self.reduces + len([h for h in self.outstanding
+                                     if h.state.get("group") == tuple(range(rt.job.M))]) + 1
+            rt.store.set(_AT, str(at))
+            self.next = (rt.tokens * rt.job.M // self.every + 1) * self.every
+        if rt.store.check([_AT]) and int(rt.store.get(_AT)) == self.reduces:
+            self.due = True
+
+    def replayed(self, tensors) -> Handle:
+        """An all-reduce during a replay: what the original run got, if small, else zeros of
+        the right shapes (the restore overwrites whatever is kept)."""
+        handle = Handle("all_reduce", done=True)
+        if sum(t.numel() for t in tensors) <= SMALL:
+            values = self.replay["exchanged"].popleft()
+            handle.result = [torch.tensor(v, dtype=t.dtype, device=t.device).view(t.shape)
+                             for v, t in zip(values, tensors)]
+            self.exchanged.append(values)
+        else:
+            handle.result = [torch.zeros_like(t) for t in tensors]
+        return handle
+
+    def after(self, value) -> None:
+        """After every primitive, before its result `value` goes back to the process: count
+        it; at the end of a replay restore, or save when a checkpoint is due. (The process
+        is suspended at that primitive, and `value` is part of what it holds.)"""
+        self.events += 1
+        if self.replay is not None and self.events == self.replay["events"]:
+            self._restore(value)
+        elif self.due:
+            self.due = False
+            self.save(value)
+
+    # -- saving --------------------------------------------------------------------------------
+    def save(self, value) -> None:
+        rt = self.rt
+        for handle in list(self.outstanding):
+            rt._wait(handle)  # every rank started the same ones
+        self.due = False  # (completing them may have asked again)
+        tensors, meta = self._state(value)
+        save_run_state(rt.out, tensors, meta, name=f"rank{rt.rank}")
+        key = f"locotrain/checkpoint/{self.reduces}"
+        rt.store.set(f"{key}/{rt.rank}", "1")
+        if rt.rank == 0:
+            rt.store.wait([f"{key}/{r}" for r in range(len(rt.procs))],
+                          timedelta(seconds=rt.cfg.runtime.timeout_s))
+            config = (rt.out / "config.toml").read_bytes()
+            atomic_write(rt.out / STATE_DIR / MANIFEST, json.dumps({
+                "world": len(rt.procs), "reduces": self.reduces,
+                "config_sha256": hashlib.sha256(config).hexdigest()}))
+
+    def _state(self, value) -> tuple[dict, dict]:
+        rt = self.rt
+        walked = snapshot.tensors_in(self._roots(value))
+        tensors = {f"walk/{i}": t for i, t in enumerate(walked)}
+        tensors["rng/torch"] = torch.get_rng_state()
+        meta = {"events": self.events, "reduces": self.reduces, "exchanged": self.exchanged,
+                "shapes": snapshot.shapes(walked),
+                "counters": {k: getattr(rt, k) for k in ("tokens", "inner_steps", "collective_bytes",
+                                                         "collective_inter", "peak_payload")}}
+        if rt.row is not None:
+            engine, meta["engine"] = rt.engine.state([rt.row])
+            tensors |= {f"engine/{k}": v for k, v in engine.items()}
+        if rt.recorder is not None:
+            metrics = rt.out / "metrics.jsonl"
+            meta["recorder"] = rt.recorder.state()
+            meta["metrics_bytes"] = metrics.stat().st_size if metrics.exists() else 0
+        return tensors, meta
+
+    def _roots(self, value) -> list:
+        rt = self.rt
+        last = rt.recorder.last[0] if rt.recorder and rt.recorder.last else None
+        return [rt.gen, self.outstanding, last, value]
+
+    # -- resuming ------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Before the first primitive: load this rank's checkpoint and replay up to it."""
+        rt = self.rt
+        manifest = rt.out / STATE_DIR / MANIFEST
+        if not manifest.is_file():
+            raise UserError(f"'{rt.out}' holds no checkpoint of a real run ({STATE_DIR}/{MANIFEST})")
+        tensors, meta = load_run_state(rt.out, name=f"rank{rt.rank}")
+        if "metrics_bytes" in meta:
+            with open(rt.out / "metrics.jsonl", "r+b") as f:
+                f.truncate(meta["metrics_bytes"])
+        self.replay = {"events": meta["events"], "tensors": tensors, "meta": meta,
+                       "exchanged": deque(meta["exchanged"])}
+        self.exchanged = []
+        rt.engine.replaying = True
+
+    def _restore(self, value) -> None:
+        rt, tensors, meta = self.rt, self.replay["tensors"], self.replay["meta"]
+        self.replay = None
+        rt.engine.replaying = False
+        walked = snapshot.tensors_in(self._roots(value))
+        if snapshot.shapes(walked) != meta["shapes"]:
+            raise UserError(f"cannot resume '{rt.out}': rank {rt.rank}'s replay did not reach "
+                            "the checkpointed state")
+        with torch.no_grad():
+            for i, t in enumerate(walked):
+                t.copy_(tensors[f"walk/{i}"])
+        if rt.row is not None:
+            engine = {k.removeprefix("engine/"): v for k, v in tensors.items() if k.startswith("engine/")}
+            rt.engine.load_state([rt.row], engine, meta["engine"])
+        if "recorder" in meta:
+            rt.recorder.load_state(meta["recorder"])
+        for k, v in meta["counters"].items():
+            setattr(rt, k, v)
+        self.reduces, self.exchanged = meta["reduces"], meta["exchanged"]
+        rt.spans, rt.wall_per_step = [], []  # wall-clock records start again at the resume
+        self.next = (rt.tokens * rt.job.M // self.every + 1) * self.every if self.every else 0
+        torch.set_rng_state(tensors["rng/torch"])
+
+    @property
+    def replaying(self) -> bool:
+        return self.replay is not None
+
+
+def real_checkpoint(out: Path) -> bool:
+    return (Path(out) / STATE_DIR / MANIFEST).is_file()
