@@ -334,3 +334,13 @@ def test_bucketed_ddp_on_real_processes_equals_the_simulator(tmp_path):
                                                      "algorithm.bucket_mb=0.001"])[1]).summary
     assert real["bytes_sent"] == sim["bytes_sent"]
     assert real["final_val_bpc"] == pytest.approx(sim["final_val_bpc"], abs=1e-4)
+
+
+def test_bucketed_ddp_resumes_exactly(tmp_path, monkeypatch):
+    """Bucket all-reduces in flight when a run is interrupted come back on resume
+    (test_resume.py's check: the same metrics and model bytes as the uninterrupted run)."""
+    import test_resume
+
+    monkeypatch.setitem(test_resume.CASES, "ddp-buckets",
+                        ["algorithm.name=ddp", "algorithm.bucket_mb=0.01"])
+    test_resume.test_resumed_runs_equal_the_uninterrupted_run(tmp_path, "ddp-buckets")

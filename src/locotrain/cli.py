@@ -288,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keys", action="store_true", help="every config key")
     p.set_defaults(func=cmd_list)
     from .pipeline.cli import add_parser as add_place_parser
+    from .planner.cli import add_parser as add_plan_parser
 
+    add_plan_parser(sub)
     add_place_parser(sub)
 
     args = parser.parse_args(argv)

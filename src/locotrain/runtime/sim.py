@@ -238,7 +238,8 @@ class SimRuntime:
         if isinstance(value, _BucketReady):
             return self._bucket_ready(proc, value)
         if isinstance(value, _Restart):
-            self._restart(proc)
+            if not self._restart(proc):
+                return
             value = None
         elif proc.dead or proc.done or (isinstance(value, _Finished) and value.job is not proc.job):
             return  # an event meant for a process, or an incarnation of it, that crashed since
@@ -487,13 +488,19 @@ class SimRuntime:
         if restart_at is not None:
             self._schedule(restart_at, proc, _Restart())
 
-    def _restart(self, proc: _Proc) -> None:
+    def _restart(self, proc: _Proc) -> bool:
         """A fresh process for the worker (its code from the top; `ctx.restarts` says it is
-        not the first), a fresh inner optimizer, the same data stream."""
+        not the first), a fresh inner optimizer, the same data stream. Not if no server is
+        left to give it work: the run is over."""
+        if all(p.done for p in self.procs if p.worker is None):
+            proc.done = True
+            self.recorder.log(f"[t={self.time:.2f}s {proc.name}] not restarted: the run is over")
+            return False
         proc.dead = proc.done = False
         proc.restarts += 1
         self.engine.reset_optimizer(proc.worker)
         proc.gen = proc.run(_SimContext(self, proc))
+        return True
 
     def _wake(self, handle: Handle, ready_at: float) -> None:
         proc = handle.state.pop("waiter", None)
