@@ -40,7 +40,8 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     ap.add_argument("--load", type=int, default=0, help="busy processes running meanwhile")
     ap.add_argument("--compare", action="store_true", help="also time `loco compare quickstart`")
-    ap.add_argument("--cases", default="batched,sequential")
+    ap.add_argument("--cases", default="batched,sequential",
+                    help="engine[@threads],...: threads = train.threads (0 = from the load)")
     args = ap.parse_args()
     stop = multiprocessing.Event()
     burners = [multiprocessing.Process(target=burn, args=(stop,)) for _ in range(args.load)]
@@ -51,15 +52,13 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for case in args.cases.split(","):
-                engine, _, threads = case.partition("@")
-                env = {**os.environ}
-                if threads:
-                    env["OMP_NUM_THREADS"] = threads
+                engine, _, threads = case.partition("@")  # e.g. batched@2: train.threads = 2
+                extra = ["--set", f"train.threads={threads}"] if threads else []
                 load_before = os.getloadavg()[0]
                 seconds, line = run(["run", "quickstart", "--quiet", "--out", f"{tmp}/{case}",
-                                     "--set", f"runtime.engine={engine}"], env)
+                                     "--set", f"runtime.engine={engine}", *extra], os.environ)
                 results["runs"].append({"command": f"loco run quickstart --set runtime.engine={engine}"
-                                        + (f" (OMP_NUM_THREADS={threads})" if threads else ""),
+                                        + (f" --set train.threads={threads}" if threads else ""),
                                         "seconds": round(seconds, 1), "output": line,
                                         "loadavg_before": load_before})
                 print(json.dumps(results["runs"][-1]), flush=True)

@@ -14,7 +14,7 @@ the quickstart, and plain SGD 0.5 as AdLoCo's reference) against AdLoCo variants
 H = 20, outer SGD 0.5, eta 0.8). Results go to docs/results/adloco/<cluster>/: every run's
 metrics.jsonl and summary.json, comparison.md (`loco compare`'s table), tables.md (rounds and
 simulated time to the target, bytes, final bpc, the batch schedule) and schedule.png. About
-1.5 h on 2 busy CPU cores."""
+40 minutes on 2 busy CPU cores (one core per run)."""
 
 from __future__ import annotations
 

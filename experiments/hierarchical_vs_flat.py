@@ -16,7 +16,7 @@ One `loco compare` per cluster: ddp, diloco (H = 20, Nesterov 0.7 / 0.5), hierar
 and (two-datacenters, a `loco run` beside the comparison) all workers timed as a
 hierarchical all-reduce (`cluster.allreduce = "hierarchical"`). Results go to
 docs/results/hierarchical/<cluster>/: every run's metrics.jsonl and summary.json,
-comparison.md and tables.md. About 1 h on 2 busy CPU cores."""
+comparison.md and tables.md. About 35 minutes on 2 busy CPU cores."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from locotrain.pipeline.cli import PlaceSettings, main, parse_settings
+from locotrain.cli import main as loco
+from locotrain.pipeline.cli import PlaceSettings, parse_settings
 from locotrain.pipeline.matching import bottleneck_matching
 from locotrain.pipeline.path import open_path
 from locotrain.pipeline.placement import CostModel, device_classes
@@ -185,7 +186,7 @@ def test_scenario_numbers():
 
 
 def place(argv, capsys):
-    code = main(argv)
+    code = loco(["place", *argv])
     out = capsys.readouterr()
     return code, out.out, out.err
 

@@ -3,14 +3,13 @@ real arithmetic does, representatives stand exactly for the workers they replace
 exposed communication of spec section 12 in closed form, the bandwidth search, bad input."""
 
 import json
-import math
 
 import pytest
 import torch
 
 from locotrain.config import load_config
 from locotrain.errors import UserError
-from locotrain.planner import cli as plan_cli
+from locotrain.cli import main as loco
 from locotrain.planner.bandwidth import BandwidthSearch, parse_targets
 from locotrain.planner.phantom import PhantomTensor
 from locotrain.planner.plan import inter_gbps, run_plan, steady_window, with_bandwidth
@@ -240,7 +239,7 @@ def test_with_bandwidth_scales_the_slowest_link_to_the_value():
 
 
 def plan(capsys, *argv):
-    code = plan_cli.main(list(argv))
+    code = loco(["plan", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 

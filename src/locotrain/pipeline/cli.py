@@ -1,7 +1,6 @@
 """`loco place CLUSTER [--set KEY=VALUE ...] [--out DIR]`: Yuan et al.'s decentralized scheduler
 on a cluster (a scenario or a cluster file), its allocation simulated with the pipeline time
-model. Wired into `loco` by cli.py through `add_parser`; runs on its own as
-`python -m locotrain.pipeline.cli CLUSTER ...`.
+model. Wired into `loco` by cli.py through `add_parser`.
 
 Writes DIR/placement.json (costs of the optimised allocation and of the baselines, the
 simulated step times, the allocation), DIR/placement.png and DIR/gantt.png.
@@ -9,12 +8,10 @@ simulated step times, the allocation), DIR/placement.png and DIR/gantt.png.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import random
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,20 +203,3 @@ def add_parser(subparsers) -> None:
                    f"{', '.join(f.name for f in dataclasses.fields(PlaceSettings))})")
     p.add_argument("--out", help="output folder (default runs/<cluster>-place-<time>)")
     p.set_defaults(func=cmd_place)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry until cli.py wires `place` in; errors as `loco` prints them."""
-    parser = argparse.ArgumentParser(prog="loco")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["place", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        args.func(args)
-    except UserError as e:
-        print(f"loco: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,6 @@
 """`loco plan [PRESET_OR_TOML] [--set KEY=VALUE ...] [--algorithms a,b+key=v,...]
 [--find-bandwidth CU[,CU...]] [--out DIR]`: the algorithms on phantom compute
-(docs/planner.md). Wired into `loco` by cli.py through `add_parser`; runs on its own as
-`python -m locotrain.planner.cli ...`.
+(docs/planner.md). Wired into `loco` by cli.py through `add_parser`.
 
 Without --find-bandwidth it simulates each variant at the configured bandwidth and prints
 wall time, compute utilisation, bytes and peak bandwidth. With it, it searches the
@@ -15,7 +14,6 @@ DIR/plots/timeline-<variant>.png.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -212,19 +210,3 @@ def _bandwidth_table(configs, found, targets, papers) -> str:
         lines.append("| paper | " + " | ".join(theirs) + " |")
         lines.append("| ours / paper | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="loco")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["plan", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        args.func(args)
-    except UserError as e:
-        print(f"loco: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
