@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,12 +105,64 @@ def real(fault: str, algorithm: str) -> dict:
         logs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
                 if '"log"' in x] if (out / "metrics.jsonl").exists() else []
         detected = next((e["time_s"] for e in logs if "died" in e["text"] or "gone" in e["text"]), None)
+        returned = [int(m.group(1).replace(",", "")) for e in logs
+                    for m in [re.search(r"([\d,]+) tokens of its task go back", e["text"])] if m]
         return {"algorithm": algorithm, "fault": fault, "exit_code": proc.returncode,
                 "completed": summary is not None, "seconds_after_fault_to_end": round(ended - fault_at, 1),
                 "log_time_of_detection_s": detected,
                 "tokens": summary["tokens"] if summary else None,
+                "tokens_back_to_budget": sum(returned),
                 "dead_processes": summary.get("dead_processes") if summary else None,
                 "stderr_tail": err.strip().splitlines()[-2:], "wall_s": round(ended - started, 1)}
+
+
+def real_resume(algorithm: str) -> dict:
+    """A synchronous real run checkpointing every 16 steps of both workers; rank 1 killed
+    (SIGKILL) after the first checkpoint, the launcher ends the run, `loco resume` finishes
+    it. The resumed model is compared byte for byte with a run never interrupted."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = ["model.depth=1", "model.width=64", "model.heads=2", "model.seq_len=32",
+                "train.batch_size=8", "train.tokens=1048576", "train.checkpoint_every=32768",
+                "eval.windows=20", "sample.chars=10", "cluster.size=2", "runtime.timeout_s=10",
+                f"algorithm.name={algorithm}", "algorithm.H=8", "train.threads=1"]
+        if algorithm == "streaming":
+            sets.append("algorithm.fragments=1")  # one block: one fragment
+
+        def launch(out: Path) -> subprocess.Popen:
+            cmd = [sys.executable, "-m", "locotrain", "launch", "quickstart", "--quiet",
+                   "--out", str(out)] + sum((["--set", s] for s in sets), [])
+            return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        whole, out = Path(tmp) / "whole", Path(tmp) / "killed"
+        started = time.monotonic()
+        launch(whole).communicate()
+        whole_s = time.monotonic() - started
+        proc = launch(out)
+        manifest = out / "checkpoint" / "real.json"
+        while not manifest.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        checkpoint_at = time.time()
+        time.sleep(0.5)
+        pids = _rank_pids(out)
+        if 1 not in pids:
+            raise RuntimeError(f"no rank 1 to kill: {proc.communicate()}")
+        fault_at = time.monotonic()
+        os.kill(pids[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+        ended = time.monotonic()
+        redone = round(time.time() - checkpoint_at - (ended - fault_at), 1)
+        resumed_at = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "locotrain", "resume", str(out), "--quiet"],
+                              capture_output=True, text=True, timeout=600)
+        same = ((out / "model.safetensors").exists() and
+                (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes())
+        return {"algorithm": algorithm, "fault": "kill, then loco resume",
+                "launcher_exit_code": proc.returncode, "stderr_tail": err.strip().splitlines()[-1:],
+                "seconds_after_fault_to_end": round(ended - fault_at, 1),
+                "seconds_of_work_redone": redone, "resume_exit_code": done.returncode,
+                "resume_stderr_tail": done.stderr.strip().splitlines()[-2:],
+                "resume_wall_s": round(time.monotonic() - resumed_at, 1),
+                "uninterrupted_wall_s": round(whole_s, 1), "model_identical": same}
 
 
 def checkpoint_cost(preset: str, overrides: list[str]) -> dict:
@@ -130,21 +183,26 @@ def checkpoint_cost(preset: str, overrides: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--parts", default="simulated,checkpoints,real",
+                    help="which tables to (re)measure; the others are kept from results.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"date": time.strftime("%Y-%m-%d"), "load_before": os.getloadavg()[0],
-               "simulated": simulated(),
-               "checkpoints": [checkpoint_cost("quickstart", []),
-                               checkpoint_cost("two-datacenters", ["train.compile=false"])]}
-    print(json.dumps(results["checkpoints"]), flush=True)
-    if not args.skip_real:
-        results["real"] = [real(f, a) for a in ("diloco", "async_local_sgd") for f in ("kill", "stop")]
-        for r in results["real"]:
-            print(json.dumps(r), flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    parts = {
+        "simulated": simulated,
+        "checkpoints": lambda: [checkpoint_cost("quickstart", []),
+                                checkpoint_cost("two-datacenters", ["train.compile=false"])],
+        "real": lambda: ([real(f, a) for a in ("diloco", "async_local_sgd") for f in ("kill", "stop")]
+                         + [real_resume(a) for a in ("diloco", "streaming")]),
+    }
+    for part in args.parts.split(","):
+        results.update({"date": time.strftime("%Y-%m-%d"), "load_before": os.getloadavg()[0]})
+        results[part] = parts[part]()
+        print(json.dumps(results[part]), flush=True)
+        path.write_text(json.dumps(results, indent=2))  # after each part: a failure keeps the rest
 
 
 if __name__ == "__main__":

@@ -55,11 +55,13 @@ def test_run_then_sample(tmp_path, capsys, workload):
 
 def test_resolved_config_round_trips(tmp_path, capsys):
     from locotrain.config import load_config
+    from locotrain.setup import build
 
     out = tmp_path / "run"
     assert run(["run", "--quiet", "--out", str(out), *sets("model.width=48")], capsys)[0] == 0
     _, again = load_config(str(out / "config.toml"))
     _, original = load_config("quickstart", list(TINY) + ["model.width=48"])
+    build(original)  # a run also records its corpus's content: data.sha256, data.chars
     assert again == original
 
 

@@ -55,3 +55,20 @@ def test_bad_grids_are_one_line_errors_before_anything_runs(tmp_path, capsys, gr
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_seeds_alone_make_a_sweep_and_each_point_is_its_own_seed(tmp_path, capsys):
+    """`--seeds 2` without a grid: the spread of one configuration over seeds 0 and 1, each
+    point the same as `loco run --set train.seed=N`; neither a grid nor seeds is an error."""
+    out = tmp_path / "sw"
+    code = main(["sweep", "quickstart", "--quiet", "--out", str(out), *sets(*BASE), "--seeds", "2"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "plots") == \
+        ["seed-0", "seed-1"]
+    for seed in (0, 1):
+        alone = simulate(load_config("quickstart", [*BASE, f"train.seed={seed}"])[1])
+        summary = json.loads((out / f"seed-{seed}" / "summary.json").read_text())
+        assert summary["final_val_bpc"] == pytest.approx(alone.summary["final_val_bpc"], rel=1e-5)
+    code = main(["sweep", "quickstart", "--quiet", "--out", str(tmp_path / "none"), *sets(*BASE)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--seeds N with N >= 2" in err and not (tmp_path / "none").exists()

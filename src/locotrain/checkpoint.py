@@ -14,7 +14,7 @@ from safetensors.torch import save as st_save
 
 from .config import Config, config_from_dict, to_toml, tomllib
 from .errors import UserError
-from .metrics import atomic_write
+from .files import atomic_write
 
 FORMAT = 1
 WEIGHTS, META = "model.safetensors", "checkpoint.json"

@@ -1,4 +1,4 @@
-"""`loco`: run, compare, sample, list.
+"""`loco`: run, compare, sample, list, corpus build.
 
 Errors a user can cause, file-system failures included, print one line and exit with code 2.
 Heavy modules (torch, matplotlib) are imported inside the commands that need them, so that
@@ -153,8 +153,8 @@ def cmd_sweep(args) -> None:
     from .sweep import sweep
 
     name = Path(args.config).stem
-    if not args.grid:
-        raise UserError("loco sweep needs at least one --grid KEY=V1,V2,...")
+    if not args.grid and args.seeds < 2:
+        raise UserError("loco sweep needs a --grid KEY=V1,V2,... or --seeds N with N >= 2")
     out = Path(args.out) if args.out else _default_out(name, "sweep")
     table = sweep(args.config, args.grid, args.seeds, args.set, out, args.force, args.quiet,
                   args.shard)
@@ -215,6 +215,24 @@ def cmd_launch(args) -> None:
     print(f"{cfg.algorithm.name} on {s['workers']} worker process(es): final val "
           f"{s['final_val_bpc']:.4f} bpc, {s['tokens']:,} tokens, {s['time_s']:.1f} s wall, "
           f"{s['bytes_sent']:,} bytes sent{dead} -> {out}")
+
+
+def cmd_corpus(args) -> None:
+    from .data.build import RECIPES, build
+
+    built = build(args.name, Path(args.out), Path(args.source) if args.source else None)
+    recipe = RECIPES[args.name]
+    print(f"{args.name}: {built.chars:,} characters, {built.vocab} distinct, from "
+          f"{built.pages} pages of {built.source} ({built.dropped} rare characters dropped), "
+          f"{built.seconds:.1f} s -> {built.path}")
+    print(f"sha256 {built.sha256}")
+    print(f"licence: {recipe.licence}")
+    if recipe.sha256 and built.sha256 == recipe.sha256:
+        print("identical to the reference build")
+    elif recipe.sha256:  # still usable; runs record the hash they trained on
+        print(f"note: differs from the reference build of {recipe.package} {recipe.version} "
+              f"(sha256 {recipe.sha256[:16]}..., {recipe.chars:,} characters): another package "
+              "version or Python version", file=sys.stderr)
 
 
 def cmd_list(args) -> None:
@@ -284,6 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, help="diffusion confidence threshold")
     p.add_argument("--steps", type=int, help="diffusion remask steps per block")
     p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("corpus", help="build a larger text corpus from a Debian package")
+    corpus = p.add_subparsers(dest="action", required=True)
+    p = corpus.add_parser("build", help="write the corpus NAME as one UTF-8 text file "
+                          "(pydocs: Python's docs, ~9M characters; linuxdocs: the Linux "
+                          "kernel's docs, ~29M)")
+    p.add_argument("name", metavar="NAME", help="pydocs or linuxdocs")
+    p.add_argument("--out", required=True, help="the text file to write (then data.path=FILE)")
+    p.add_argument("--from", dest="source", metavar="PATH",
+                   help="a downloaded .deb, or a folder of its HTML pages, instead of apt-get")
+    p.set_defaults(func=cmd_corpus)
     p = sub.add_parser("list", help="presets, workloads and algorithms")
     p.add_argument("--keys", action="store_true", help="every config key")
     p.set_defaults(func=cmd_list)

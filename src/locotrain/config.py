@@ -38,6 +38,10 @@ class DataConfig:
     path: str = ""  # "" = the Tiny Shakespeare copy shipped in the package
     train_fraction: float = 0.9  # first 90% trains, last 10% validates (nanoGPT's split)
     shards: str = choice("iid", "iid", "contiguous")  # how workers divide the training text
+    # The corpus's content, filled in when it is read, so that a run's config.toml records
+    # which text it trained on. Set sha256 to insist on that text: another file fails the run.
+    sha256: str = ""  # of the file's bytes (Tiny Shakespeare: of its uncompressed text)
+    chars: int = 0  # its length in characters; 0 = not checked
 
 
 @dataclass

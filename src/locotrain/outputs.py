@@ -14,7 +14,7 @@ import torch
 from . import report
 from .checkpoint import STATE_DIR, save_checkpoint
 from .errors import UserError
-from .metrics import atomic_write
+from .files import atomic_write
 
 RUN_FILES = ["config.toml", "metrics.jsonl", "summary.json", "model.safetensors",
              "checkpoint.json", "samples.txt", "timeline.json", "plots", "status.json", STATE_DIR]

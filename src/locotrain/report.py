@@ -9,19 +9,19 @@ from __future__ import annotations
 import io
 import math
 import textwrap
-import tomllib
 from pathlib import Path
 
 import matplotlib
+import tomllib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter  # noqa: E402
-from matplotlib.transforms import blended_transform_factory  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
+from matplotlib.transforms import blended_transform_factory
 
-from .metrics import atomic_write  # noqa: E402
+from .files import atomic_write
 
 COLORS = {"compute": "#2e8b57", "blocked": "#d1495b", "idle": "#c9c9c9", "comm": "#3b6fb6"}
 STATES = ("compute", "blocked", "idle")  # what a process does; "comm" overlaps them

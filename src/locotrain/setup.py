@@ -13,7 +13,7 @@ from .algorithms import build_algorithm
 from .cluster import Cluster
 from .codecs import make_codec
 from .config import Config
-from .data import Corpus, load_corpus
+from .data import Corpus, check_content, load_corpus
 from .errors import UserError
 from .runtime.api import Job, WorkerInfo
 from .workloads import Workload, build_workload
@@ -45,6 +45,9 @@ def build(cfg: Config, workload=None) -> Setup:
     if workload is None:
         device = pick_device(cfg.train.device)
         corpus = load_corpus(cfg.data.path, cfg.data.train_fraction)
+        check_content(corpus, cfg.data.sha256, cfg.data.chars)
+        # the resolved config (a run's config.toml) records the text trained on
+        cfg.data.sha256, cfg.data.chars = corpus.sha256, corpus.chars
     cluster = Cluster(cfg.cluster, cfg.train.batch_size)
     if workload is None:
         check_seq_len(cfg.model.seq_len, corpus, cluster.M)

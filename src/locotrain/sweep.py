@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .config import Config, load_config
 from .errors import UserError
-from .metrics import atomic_write
+from .files import atomic_write
 
 
 def parse_grid(text: str) -> tuple[str, list[str]]:

@@ -7,6 +7,7 @@ inside the package, gzip-compressed, so a fresh install trains with no network.
 from __future__ import annotations
 
 import gzip
+import hashlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -46,6 +47,22 @@ class Corpus:
     tokenizer: CharTokenizer
     train: torch.Tensor  # int64 token ids
     val: torch.Tensor
+    sha256: str = ""  # of the corpus file's bytes (UTF-8)
+    chars: int = 0
+
+
+def check_content(corpus: Corpus, sha256: str, chars: int) -> None:
+    """A config that names the corpus's content (data.sha256, data.chars, as a run's
+    config.toml does) must get that content: a rebuilt or edited file would silently change
+    what the run trains on, and a resumed run would mix two texts."""
+    if sha256 and sha256.lower() != corpus.sha256:
+        raise UserError(f"corpus '{corpus.name}' has sha256 {corpus.sha256[:16]}..., but "
+                        f"data.sha256 = {sha256[:16]}...: the file is not the text this config "
+                        "was made with; restore that file, or set data.sha256 = \"\" to accept it")
+    if chars and chars != corpus.chars:
+        raise UserError(f"corpus '{corpus.name}' has {corpus.chars:,} characters, but data.chars "
+                        f"= {chars:,}; restore the file this config was made with, or set "
+                        "data.chars = 0 to accept it")
 
 
 def read_text(path: str) -> tuple[str, str]:
@@ -76,6 +93,8 @@ def read_text(path: str) -> tuple[str, str]:
 
 def load_corpus(path: str, train_fraction: float, min_val_len: int = 2) -> Corpus:
     name, text = read_text(path)
+    # strict UTF-8 decoding is lossless, so this is the file's own SHA-256 (`sha256sum FILE`)
+    sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
     tokenizer = CharTokenizer("".join(sorted(set(text))))
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     n_train = int(train_fraction * len(ids))
@@ -84,7 +103,7 @@ def load_corpus(path: str, train_fraction: float, min_val_len: int = 2) -> Corpu
         raise UserError(f"corpus '{name}' is too short ({len(ids)} characters) for one training "
                         f"and one validation window of {min_val_len} characters; "
                         "use a longer text or a shorter model.seq_len")
-    return Corpus(name, tokenizer, train, val)
+    return Corpus(name, tokenizer, train, val, sha256, len(text))
 
 
 def val_windows(val: torch.Tensor, length: int, limit: int = 0) -> torch.Tensor:

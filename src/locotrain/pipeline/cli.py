@@ -104,9 +104,10 @@ def _validate(s: PlaceSettings) -> None:
 
 def place(cluster_source: str, settings: PlaceSettings, out: Path) -> dict:
     """Search, baselines, simulation and outputs; returns what placement.json holds."""
+    from ..files import atomic_write
     from .placement import CostModel
     from .plan import simulate_placement
-    from .plots import atomic_write, gantt, placement
+    from .plots import gantt, placement
     from .scenarios import GPTSizes, load_cluster
     from .search import search
 

@@ -3,35 +3,19 @@
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
 
+from ..files import atomic_write
 
 COLORS = {"F": "#4C72B0", "B": "#C44E52", "P1": "#DD8452", "P2": "#55A868", "AR": "#8C8C8C"}
 LABELS = {"F": "forward", "B": "backward", "P1": "backward-p1 (input grad)",
           "P2": "backward-p2 (weight grad)", "AR": "data-parallel all-reduce"}
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write beside `path`, then rename: readers never see half a file. (metrics.py has the
-    same helper, but importing it loads torch, which `loco place` does not otherwise need.)"""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _save(fig, path: Path) -> None:

@@ -120,7 +120,7 @@ def _finite(x: float):
 
 
 def _write(out: Path, summary, results, curves, found) -> None:
-    from ..metrics import atomic_write
+    from ..files import atomic_write
     from ..report import plot_timeline
 
     out.mkdir(parents=True, exist_ok=True)

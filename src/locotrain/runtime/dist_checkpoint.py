@@ -10,7 +10,7 @@ the checkpoint comes after the next one it has not joined yet and says so throug
 torch.distributed's store before it joins that one; no rank can finish it before rank 0 has
 joined it, so every rank reads the decision in time. At that point each rank completes the
 all-reduces it started and has not waited for (the same ones on every rank), saves
-`checkpoint/rank<r>.json` and its tensors, and rank 0 writes `checkpoint/real.json` once
+`checkpoint/rank<r>-<c>.json` and its tensors, and rank 0 writes `checkpoint/real.json` (naming c) once
 every rank has. Parameter-server
 algorithms have no such cut without stopping the servers, and are not checkpointed.
 """
@@ -27,7 +27,7 @@ import torch
 
 from ..checkpoint import STATE_DIR, load_run_state, save_run_state
 from ..errors import UserError
-from ..metrics import atomic_write
+from ..files import atomic_write
 from . import snapshot
 from .api import Handle
 
@@ -47,6 +47,7 @@ class Checkpoints:
         self.exchanged: list = []  # small all-reduce results, in order
         self.replay: dict | None = None
         self.due = False  # a checkpoint after the primitive under way
+        self.saved: list[int] = []  # the checkpoints (all-reduce counts) this rank wrote
 
     # -- hooks of the runtime ----------------------------------------------------------------
     def started(self, handle: Handle) -> None:
@@ -105,7 +106,11 @@ class Checkpoints:
             rt._wait(handle)  # every rank started the same ones
         self.due = False  # (completing them may have asked again)
         tensors, meta = self._state(value)
-        save_run_state(rt.out, tensors, meta, name=f"rank{rt.rank}")
+        # One file set per checkpoint: a rank that dies while the others save (before rank 0
+        # has named this checkpoint in real.json) must leave the previous one whole.
+        save_run_state(rt.out, tensors, meta, name=f"rank{rt.rank}-{self.reduces}")
+        self._forget_all_but(self.saved[-1:] + [self.reduces])
+        self.saved.append(self.reduces)
         key = f"locotrain/checkpoint/{self.reduces}"
         rt.store.set(f"{key}/{rt.rank}", "1")
         if rt.rank == 0:
@@ -115,6 +120,16 @@ class Checkpoints:
             atomic_write(rt.out / STATE_DIR / MANIFEST, json.dumps({
                 "world": len(rt.procs), "reduces": self.reduces,
                 "config_sha256": hashlib.sha256(config).hexdigest()}))
+
+    def _forget_all_but(self, keep: list[int]) -> None:
+        """Delete this rank's older checkpoints. The one before the newest is kept: when any
+        rank writes checkpoint c, rank 0 has named c's predecessor in real.json (it does so
+        before joining the all-reduce that leads to c), but c itself may never be named."""
+        folder = self.rt.out / STATE_DIR
+        for f in folder.glob(f"rank{self.rt.rank}-*"):
+            generation = f.name.removeprefix(f"rank{self.rt.rank}-").split("-")[0].split(".")[0]
+            if generation.isdigit() and int(generation) not in keep:
+                f.unlink()
 
     def _state(self, value) -> tuple[dict, dict]:
         rt = self.rt
@@ -146,7 +161,13 @@ class Checkpoints:
         manifest = rt.out / STATE_DIR / MANIFEST
         if not manifest.is_file():
             raise UserError(f"'{rt.out}' holds no checkpoint of a real run ({STATE_DIR}/{MANIFEST})")
-        tensors, meta = load_run_state(rt.out, name=f"rank{rt.rank}")
+        try:
+            at = int(json.loads(manifest.read_text())["reduces"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"checkpoint in '{rt.out}' is corrupt ({MANIFEST}: {e}); re-run "
+                            "training or restore the folder") from None
+        tensors, meta = load_run_state(rt.out, name=f"rank{rt.rank}-{at}")
+        self.saved = [at]
         if "metrics_bytes" in meta:
             with open(rt.out / "metrics.jsonl", "r+b") as f:
                 f.truncate(meta["metrics_bytes"])

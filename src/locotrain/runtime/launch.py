@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from ..config import to_toml
 from ..errors import UserError
-from ..metrics import atomic_write
+from ..files import atomic_write
 from ..outputs import prepare_out_dir
 from .transport import SECRET_ENV, is_loopback, resolve_secret
 
