@@ -111,6 +111,7 @@ def real(fault: str, algorithm: str) -> dict:
                 "completed": summary is not None, "seconds_after_fault_to_end": round(ended - fault_at, 1),
                 "log_time_of_detection_s": detected,
                 "tokens": summary["tokens"] if summary else None,
+                "tokens_in_model": summary["tokens_in_model"] if summary else None,
                 "tokens_back_to_budget": sum(returned),
                 "dead_processes": summary.get("dead_processes") if summary else None,
                 "stderr_tail": err.strip().splitlines()[-2:], "wall_s": round(ended - started, 1)}

@@ -212,3 +212,22 @@ def test_a_real_run_resumes_from_its_checkpoint_to_the_same_end(tmp_path, algori
     a, b = (json.loads((f / "summary.json").read_text()) for f in (whole, out))
     assert a["bytes_sent"] == b["bytes_sent"] and a["tokens"] == b["tokens"]
     assert no_stray_processes(out)
+
+
+@pytest.mark.parametrize("algorithm", [["algorithm.name=diloco", "algorithm.H=2"],
+                                       ["algorithm.name=async_local_sgd", "algorithm.H=2"]])
+def test_launch_shows_progress_with_every_workers_tokens_unless_quiet(tmp_path, algorithm):
+    """Without --quiet the rank that publishes the model reports progress (one line per
+    evaluation when stderr is not a terminal), counting every worker's tokens; with --quiet
+    nothing but failures reaches stderr."""
+    out = tmp_path / "loud"
+    args = [sys.executable, "-m", "locotrain", "launch", "quickstart", "--out", str(out)]
+    for o in REAL + algorithm:
+        args += ["--set", o]
+    loud = subprocess.run(args, capture_output=True, text=True, timeout=180)
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    lines = [x for x in loud.stderr.splitlines() if "tokens (" in x]
+    assert lines and lines[-1].split(":")[1].strip().startswith("8,192/8,192 tokens (100%)"), \
+        loud.stderr
+    quiet, _, _ = launch(tmp_path, *algorithm, name="quiet")
+    assert quiet.returncode == 0 and "tokens (" not in quiet.stderr

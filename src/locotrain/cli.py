@@ -140,7 +140,8 @@ def _resume_real(out: Path, args) -> None:
     cfg = load_config(str(out / "config.toml"))[1]
     setup = build(cfg)
     code = launch(cfg, out, setup.algorithm.processes(), setup.job.M,
-                  setup.algorithm.synchronous, None, False, resume=True)
+                  setup.algorithm.synchronous, None, False, resume=True,
+                  progress=not args.quiet)
     if code != 0:
         raise SystemExit(code)
     (out / "status.json").unlink(missing_ok=True)
@@ -207,7 +208,7 @@ def cmd_launch(args) -> None:
     out = Path(args.out) if args.out else _default_out(name, f"{cfg.algorithm.name}-real")
     setup = build(cfg)
     code = launch(cfg, out, setup.algorithm.processes(), setup.job.M,
-                  setup.algorithm.synchronous, args.nproc, args.force)
+                  setup.algorithm.synchronous, args.nproc, args.force, progress=not args.quiet)
     if code != 0:
         raise SystemExit(code)
     s = json.loads((out / "summary.json").read_text())

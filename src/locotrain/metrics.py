@@ -71,6 +71,11 @@ class Recorder:
         self.loss_sum = loss.detach() if self.loss_sum is None else self.loss_sum + loss.detach()
         self.loss_steps += steps
 
+    def advance_to(self, tokens: int) -> None:
+        """Move the bar to `tokens` in all (a real run's rank that publishes sees every
+        worker's tokens only through the model it publishes)."""
+        self.bar.update(max(0, tokens - self.bar.n))
+
     def publish(self, params, tokens: int, updates: int, snapshot) -> None:
         self.last = (params, tokens, updates, snapshot)
         if tokens >= self.next_eval:

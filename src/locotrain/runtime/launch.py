@@ -37,6 +37,7 @@ from ..outputs import prepare_out_dir
 from .transport import SECRET_ENV, is_loopback, resolve_secret
 
 LAUNCHER_ENV = "LOCOTRAIN_LAUNCHER_PID"  # set in the ranks: die when this process dies
+PROGRESS_ENV = "LOCOTRAIN_PROGRESS"  # "1": the rank that publishes the model shows progress
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _GRACE_S = 5.0  # between SIGTERM and SIGKILL when stopping the ranks
 
@@ -52,7 +53,8 @@ def _raise_stopped(signum, frame):
 
 
 def launch(cfg, out: Path, procs: list, workers: int, synchronous: bool, nproc: int | None,
-           force: bool, entry: list[str] | None = None, resume: bool = False) -> int:
+           force: bool, entry: list[str] | None = None, resume: bool = False,
+           progress: bool = False) -> int:
     """Run the config's processes `procs` (the algorithm's, from the caller: this module
     imports no algorithm), of which the first `workers` are workers. `entry` is the command
     each rank runs, `python -m locotrain.distributed` unless a test passes its own (fault
@@ -90,7 +92,7 @@ def launch(cfg, out: Path, procs: list, workers: int, synchronous: bool, nproc: 
             "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "TORCHELASTIC_USE_AGENT_STORE": "True",
             "OMP_NUM_THREADS": str(threads), "LOCOTRAIN_THREADS": str(threads),
             "LOCOTRAIN_GPU_RANKS": str(gpu_ranks), SECRET_ENV: secret,
-            LAUNCHER_ENV: str(os.getpid())}
+            LAUNCHER_ENV: str(os.getpid()), PROGRESS_ENV: "1" if progress else "0"}
     if not cfg.runtime.host or is_loopback(cfg.runtime.host):
         # Left alone, gloo listens on the address the host name resolves to and NCCL on the
         # first non-loopback interface, and neither authenticates: keep them on loopback too.

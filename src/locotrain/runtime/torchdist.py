@@ -55,6 +55,7 @@ from ..outputs import prepare_out_dir, summarize, write_outputs
 from ..workloads import build_workload
 from . import collectives
 from .api import Apply, Context, Gradients, Handle, Message, Recv, ServerStep, Train, Wait
+from .launch import PROGRESS_ENV
 from .transport import Transport
 from .dist_checkpoint import Checkpoints
 from .engine import Engine
@@ -459,7 +460,8 @@ class DistRuntime:
             self.recorder = Recorder(self.workload, self.job.param_names, self.cfg.train.tokens,
                                      self.cfg.eval.every, self.cfg.eval.windows,
                                      self.out / "metrics.jsonl" if self.out else None,
-                                     label=self.cfg.algorithm.name, quiet=True)
+                                     label=self.cfg.algorithm.name,
+                                     quiet=os.environ.get(PROGRESS_ENV) != "1")
             self.recorder.t0 = self.t0
             for text in self.logs:
                 self.recorder.log(text)
@@ -468,6 +470,7 @@ class DistRuntime:
             self.recorder.last = (params, tokens, updates, self._snapshot)
             return
         self.recorder.publish(params, tokens, updates, self._snapshot)
+        self.recorder.advance_to(tokens)
 
     def _snapshot(self) -> dict:
         out = {"step": self.inner_steps if self.row else len(self.staleness)}
