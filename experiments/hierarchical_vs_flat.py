@@ -14,7 +14,9 @@ on two clusters with 4 workers per region:
 One `loco compare` per cluster: ddp, diloco (H = 20, Nesterov 0.7 / 0.5), hierarchical
 (H = 20, the same outer optimizer) with the outer sync among all workers, among region leaders,
 and (two-datacenters, a `loco run` beside the comparison) all workers timed as a
-hierarchical all-reduce (`cluster.allreduce = "hierarchical"`). Results go to
+hierarchical all-reduce (`cluster.allreduce = "hierarchical"`); and, on two-datacenters,
+Streaming DiLoCo across regions against flat Streaming DiLoCo
+(`--cluster two-datacenters-8-streaming`). Results go to
 docs/results/hierarchical/<cluster>/: every run's metrics.jsonl and summary.json,
 comparison.md and tables.md. About 35 minutes on 2 busy CPU cores."""
 
@@ -40,6 +42,12 @@ CLUSTERS = {
                   ["ddp", "diloco", HIER, HIER + "+outer_sync=leaders"]),
     "two-datacenters-8": (["cluster.size=8", "train.batch_size=8", "eval.every=49152"],
                           ["ddp", "diloco", HIER, HIER + "+outer_sync=leaders"]),
+    # Streaming DiLoCo across regions (outer = streaming) against flat Streaming DiLoCo:
+    # 2 fragments of one block, tau = 1, alpha = 0.5, the same outer optimizer.
+    "two-datacenters-8-streaming": (
+        ["cluster.size=8", "train.batch_size=8", "eval.every=49152"],
+        [STREAM := "streaming+H=20+outer_momentum=0.5+fragments=2+tau=1",
+         HIER + "+outer=streaming+fragments=2+tau=1"]),
 }
 # Runs beside the comparison: a variant with a cluster setting (`loco compare` varies
 # algorithm settings only).

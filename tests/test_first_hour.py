@@ -284,3 +284,19 @@ def test_readme_install_hint_names_no_unreachable_index():
     hint = readme.split("locotrain answers one question")[0]
     assert "download.pytorch.org" not in hint and "--index-url" not in hint
     assert "pip install" in hint and "+cpu" in hint
+
+
+def test_run_files_are_readable_by_others_as_the_umask_allows(tmp_path):
+    """atomic_write makes its temporary file with mkstemp (mode 0600); the file it leaves
+    must have the mode open() would give it (0644 under umask 022)."""
+    from locotrain.files import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.json", "{}")
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        atomic_write(tmp_path / "b.json", "{}")
+        assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

@@ -20,6 +20,7 @@ from conftest import tiny_config
 from scripted import Script
 
 STEP = 0.5
+STREAMING = ["model.depth=2", "algorithm.fragments=2", "algorithm.tau=1", "algorithm.alpha=0.5"]
 
 
 def numel(params) -> int:
@@ -134,13 +135,16 @@ def test_a_region_without_workers_is_a_one_line_error():
     assert "region 'b' has no worker" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_real_processes_give_the_simulators_parameters(tmp_path):
-    """4 real processes in two datacenters, leaders mode: per-step region all-reduces (two
-    groups), a ring of the two leaders, messages from leader to peer."""
+@pytest.mark.parametrize("outer", [["algorithm.outer_sync=leaders"],
+                                   ["algorithm.outer=streaming", *STREAMING, "algorithm.codec=fp4"]])
+def test_real_processes_give_the_simulators_parameters(tmp_path, outer):
+    """4 real processes in two datacenters: per-step region all-reduces (two groups), then
+    a ring of the two leaders and messages from leader to peer (leaders mode), or fp4
+    fragments among all four overlapping one inner step (outer = streaming)."""
     from test_real import launch
 
     proc, out, _ = launch(tmp_path, "algorithm.name=hierarchical", "algorithm.H=4",
-                          "cluster.size=4", "algorithm.outer_sync=leaders", "train.tokens=6144")
+                          "cluster.size=4", "train.tokens=6144", *outer)
     assert proc.returncode == 0, proc.stderr[-2000:]
     real, _, _, _ = load_checkpoint(out)
     sim = simulate(load_config(str(out / "config.toml"))[1])
@@ -162,3 +166,58 @@ def test_an_interrupted_run_resumes_to_the_same_end(tmp_path):
     resume(out)
     assert metrics(out) == metrics(reference)
     assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
+# --------------------------------------------------------------------------- outer = streaming
+
+
+def test_streaming_outer_with_one_worker_per_region_is_streaming_diloco():
+    streaming = simulate(_cfg("algorithm.name=streaming", "cluster.size=2", *STREAMING))
+    hier = simulate(_cfg("algorithm.name=hierarchical", "algorithm.outer=streaming",
+                         "cluster.size=2", *STREAMING))
+    for k in streaming.params:
+        assert torch.allclose(streaming.params[k], hier.params[k], atol=1e-6, rtol=0), k
+    for key in ("bytes_sent", "bytes_inter_region", "tokens", "outer_updates", "sim_time_s"):
+        assert hier.summary[key] == streaming.summary[key], key
+
+
+def test_streaming_outer_over_regions_keeps_each_region_one_replica():
+    """Two regions of two workers: every inner step all-reduces gradients inside the region
+    (fp32, n values per step, none across), fragments cross the WAN in turn; the workers of
+    a region end with the same parameters; across regions the bytes are Streaming DiLoCo's."""
+    res = simulate(_cfg("algorithm.name=hierarchical", "algorithm.outer=streaming",
+                        "cluster.size=4", *STREAMING))
+    flat = simulate(_cfg("algorithm.name=streaming", "cluster.size=4", *STREAMING))
+    assert res.summary["outer_updates"] == flat.summary["outer_updates"]
+    assert res.summary["bytes_inter_region"] == flat.summary["bytes_inter_region"]
+    assert res.summary["bytes_sent"] > flat.summary["bytes_sent"]  # + the per-step region traffic
+    w = [proc.worker.params for proc in res.runtime.worker_procs]
+    for k in w[0]:
+        assert torch.equal(w[0][k], w[1][k]) and torch.equal(w[2][k], w[3][k]), k
+
+
+def test_streaming_outer_needs_every_worker_in_the_sync():
+    with pytest.raises(UserError, match="outer_sync"):
+        build(_cfg("algorithm.name=hierarchical", "algorithm.outer=streaming",
+                   "algorithm.outer_sync=leaders", "cluster.size=4", *STREAMING))
+
+
+def test_streaming_outer_weights_regions_by_their_tokens():
+    """Region 0 = {w0} with batch 8, region 1 = {w1, w2} with batch 2 each: region 0 trains
+    twice region 1's tokens, so with one fragment, tau = 0 and alpha = 0 (a whole-model sync
+    that replaces the local copy) the outer gradient is (2 delta_0 + delta_1) / 3; each worker
+    contributes delta_r B_r M / (B n_r), B = 12: 2 delta_0 from w0, delta_1 / 2 from w1 and w2."""
+    workers = [WorkerInfo(0, 0, 1.0, 8, 1.0), WorkerInfo(1, 1, 1.0, 2, 1.0),
+               WorkerInfo(2, 1, 1.0, 2, 1.0)]
+    job = Job(workers, ["a", "b"], ["w"], [(2,)], total_tokens=2 * 12 * 4, seq_len=4, depth=1)
+    grads = {0: [torch.tensor([1.0, 2.0])], 1: [torch.tensor([2.0, 0.0])],
+             2: [torch.tensor([0.0, 4.0])]}
+    cfg = HierarchicalSettings(H=2, outer_lr=1.0, outer_momentum=0.0, outer="streaming",
+                               fragments=1, tau=0, alpha=0.0)
+    theta0 = [torch.tensor([1.0, -1.0])]
+    s = Script(Hierarchical(cfg, job), theta0, gradients=grads).run()
+    delta_0 = 2 * grads[0][0]
+    delta_1 = 2 * (grads[1][0] + grads[2][0]) / 2
+    assert torch.allclose(s.calls("w0", "publish")[1][0][0], theta0[0] - (2 * delta_0 + delta_1) / 3)
+    assert torch.allclose(s.calls("w0", "all_reduce")[0][0], 2 * delta_0)
+    assert torch.allclose(s.calls("w2", "all_reduce")[-1][0], 0.5 * delta_1)

@@ -35,8 +35,10 @@ def load_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], Config, str
     if not run_dir.is_dir():
         raise UserError(f"run folder '{run_dir}' does not exist; give the --out folder of a run")
     if not weights.is_file() or not meta_path.is_file():
-        raise UserError(f"'{run_dir}' holds no checkpoint ({WEIGHTS} and {META}); "
-                        "was the run finished?")
+        unfinished = (run_dir / STATE_DIR).is_dir()
+        raise UserError(f"'{run_dir}' holds no finished model ({WEIGHTS} and {META}); "
+                        + (f"the run was interrupted: finish it with `loco resume {run_dir}`"
+                           if unfinished else "was the run finished?"))
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if meta.get("format") != FORMAT:
@@ -85,7 +87,9 @@ def load_run_state(out: Path, name: str = "state") -> tuple[dict[str, torch.Tens
     meta_path = folder / f"{name}.json"
     if not meta_path.is_file():
         raise UserError(f"'{out}' holds no checkpoint to resume from ({STATE_DIR}/{meta_path.name}); "
-                        "runs write one when interrupted or every train.checkpoint_every tokens")
+                        "simulated runs write one when interrupted or every "
+                        "train.checkpoint_every tokens, real runs (loco launch) only every "
+                        "train.checkpoint_every tokens")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if meta.get("format") != STATE_FORMAT:

@@ -18,7 +18,7 @@ SUMMARIES = {
     "async_local_sgd": "Async Local-SGD: one parameter server, delayed Nesterov, dynamic local updates",
     "halos": "HALoS: local parameter servers per region and one global server",
     "adloco": "AdLoCo: trainers (DiLoCo groups) with norm-test batch growth, merged by batch demand",
-    "hierarchical": "hierarchical DiLoCo: data-parallel inside each region, DiLoCo across regions",
+    "hierarchical": "hierarchical DiLoCo: data-parallel inside each region, DiLoCo or Streaming DiLoCo across",
 }
 ALGORITHMS = tuple(SUMMARIES)
 

@@ -22,8 +22,10 @@ Special cases (tests/test_hierarchical.py): one worker per region is DiLoCo; one
 DDP (there is nothing to sync across regions, so no outer step is taken at all). A region
 with no worker is an error.
 
-Not done: Streaming DiLoCo across regions (fragments synced in turn, overlapped); the outer
-sync here is DiLoCo's, blocking.
+`outer = "streaming"` syncs across regions as Streaming DiLoCo does (streaming.py's own
+schedule: fragments in turn, each all-reduce overlapping `tau` inner steps, merged with
+`alpha`), with the region's data-parallel steps as the inner steps; it needs
+`outer_sync = "all"`. One worker per region is then Streaming DiLoCo.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ..config import CodecSettings, choice
 from ..errors import UserError
 from ..optim import Nesterov
 from ..runtime.api import Algorithm
+from .streaming import StreamingDiLoCo, StreamingSettings
 
 
 @dataclass
@@ -47,6 +50,11 @@ class HierarchicalSettings(CodecSettings):
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     outer_sync: str = choice("all", "all", "leaders")  # who joins the outer all-reduce
+    outer: str = choice("diloco", "diloco", "streaming")  # how regions sync
+    # outer = "streaming" only (streaming.py's meaning and defaults):
+    fragments: int = 0
+    tau: int = 1
+    alpha: float = 0.5
 
 
 class Hierarchical(Algorithm):
@@ -63,6 +71,15 @@ class Hierarchical(Algorithm):
                 raise UserError(f"hierarchical: region '{name}' has no worker; put a worker in "
                                 f"it or remove it from cluster.regions")
         self.leaders = tuple(m[0] for m in self.regions)
+        self.streaming = None
+        if cfg.outer == "streaming":
+            if cfg.outer_sync != "all":
+                raise UserError("hierarchical: outer = \"streaming\" syncs its fragments among "
+                                "all workers; set algorithm.outer_sync = \"all\"")
+            self.streaming = StreamingDiLoCo(StreamingSettings(
+                codec=cfg.codec, codec_block=cfg.codec_block, H=cfg.H, outer_lr=cfg.outer_lr,
+                outer_momentum=cfg.outer_momentum, fragments=cfg.fragments, tau=cfg.tau,
+                alpha=cfg.alpha), job)
 
     def processes(self):
         return self.worker_processes(self.worker)
@@ -87,6 +104,23 @@ class Hierarchical(Algorithm):
         B, B_r, R = sum(batch), sum(batch[m] for m in region), len(self.regions)
         # Gradients weighted by batch so the region's mean is its whole batch's gradient.
         weight = batch[me] * len(region) / B_r
+        # The outer gradient is weighted by the region's share of the tokens (exactly 1 with
+        # equal regions): a mean over all M workers is then the batch-weighted mean of regions.
+        outer_scale = B_r * job.M / (B * len(region))
+
+        def region_steps(n):
+            """n data-parallel steps of this worker's region."""
+            for _ in range(n):
+                grads = yield ctx.gradients()
+                if len(region) > 1:
+                    if weight != 1.0:
+                        grads = [g * weight for g in grads]
+                    grads = yield ctx.all_reduce(grads, fp32, self._group(region))
+                yield ctx.apply(grads)
+
+        if self.streaming is not None and R > 1:
+            yield from self.streaming.worker(ctx, inner=region_steps, scale=outer_scale)
+            return
         tokens_per_step = sum(job.tokens_per_step(m) for m in range(job.M))
         theta = [p.detach().clone() for p in params]
         outer = Nesterov(cfg.outer_lr, cfg.outer_momentum)
@@ -95,12 +129,7 @@ class Hierarchical(Algorithm):
         step = 0
         for r, h in enumerate(job.rounds(cfg.H) if R > 1 else [job.planned_steps]):
             for _ in range(h):
-                grads = yield ctx.gradients()
-                if len(region) > 1:
-                    if weight != 1.0:
-                        grads = [g * weight for g in grads]
-                    grads = yield ctx.all_reduce(grads, fp32, self._group(region))
-                yield ctx.apply(grads)
+                yield from region_steps(1)
                 step += 1
                 if R == 1 and me == 0:  # one region: data-parallel, nothing more
                     ctx.publish(params, step * tokens_per_step, step)
@@ -109,9 +138,8 @@ class Hierarchical(Algorithm):
             with torch.no_grad():
                 delta = [t - p for t, p in zip(theta, params)]
             if cfg.outer_sync == "all":
-                scale = B_r * job.M / (B * len(region))  # exactly 1 with equal regions
-                mean = yield ctx.all_reduce([d * scale for d in delta] if scale != 1 else delta,
-                                            codec, None)
+                mean = yield ctx.all_reduce([d * outer_scale for d in delta]
+                                            if outer_scale != 1 else delta, codec, None)
             elif me == region[0]:
                 scale = B_r * R / B
                 mean = yield ctx.all_reduce([d * scale for d in delta] if scale != 1 else delta,

@@ -115,8 +115,16 @@ class StreamingDiLoCo(Algorithm):
             frags[owner[int(m.group(1))] if m else (Q - 1 if Q > P else 0)].append(name)
         return frags
 
-    def worker(self, ctx):
+    def worker(self, ctx, inner=None, scale: float = 1.0):
+        """`inner(n)`, a generator of n inner steps (`ctx.train(n)` unless given), and
+        `scale`, applied to this worker's outer gradient, let hierarchical.py run the same
+        fragment schedule over data-parallel regions."""
         job, cfg = self.job, self.cfg
+
+        def train(n):
+            yield ctx.train(n)
+
+        inner = inner or train
         codec = make_codec(cfg.codec, cfg.codec_block)
         frags = self.fragments()
         Q, S, alpha, tau = len(frags), job.planned_steps, cfg.alpha, cfg.tau
@@ -139,7 +147,8 @@ class StreamingDiLoCo(Algorithm):
 
         def send(p):
             with torch.no_grad():
-                delta = [theta[n] - phi[n] for n in frags[p]]
+                delta = [(theta[n] - phi[n]) * scale if scale != 1.0 else theta[n] - phi[n]
+                         for n in frags[p]]
             return ctx.start_all_reduce(delta, codec)  # the runtime snapshots the payload
 
         def receive(p, handle, step):
@@ -165,7 +174,7 @@ class StreamingDiLoCo(Algorithm):
             nxt = min(S, ((t + offset) // gap + 1) * gap - offset)
             if inflight is not None:
                 nxt = min(nxt, inflight[2])
-            yield ctx.train(nxt - t)
+            yield from inner(nxt - t)
             t = nxt
             if inflight is not None and inflight[2] == t:
                 yield from receive(inflight[0], inflight[1], t)
