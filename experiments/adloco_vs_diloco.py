@@ -39,6 +39,9 @@ CLUSTERS = {
                "cluster.latency_s=[[0.0001, 0.03], [0.03, 0.0001]]",
                "cluster.bandwidth_gbps=[[100.0, 1.0], [1.0, 100.0]]",
                "cluster.workers=[{region='dc0', count=2}, {region='dc1', count=2, speed=0.35}]"],
+    # A step costs the same at any batch, as a small model's does on a GPU (measured on an
+    # H200 up to 128 sequences: benchmarks/batch_cost.py), instead of the linear default.
+    "two-datacenters-fixed": ["cluster.step_fixed_s=0.05"],
 }
 ADLOCO = "adloco+H=20+initial_batch=4"
 VARIANTS = {
@@ -46,6 +49,7 @@ VARIANTS = {
                         ADLOCO + "+trainers=1", ADLOCO + "+outer_momentum=0.5+outer_lr=0.7",
                         "adloco+H=20+initial_batch=16+batch_test=none"],
     "hetero": ["diloco", "diloco+outer_momentum=0+outer_lr=0.5", ADLOCO, ADLOCO + "+trainers=1"],
+    "two-datacenters-fixed": ["diloco", ADLOCO + "+outer_momentum=0.5+outer_lr=0.7"],
 }
 MARGIN = 0.05  # target = the first variant's (DiLoCo's) best + MARGIN, as `loco compare`
 

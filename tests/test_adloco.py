@@ -254,3 +254,38 @@ def test_an_interrupted_run_resumes_to_the_same_end(tmp_path, trainers):
     resume(out)
     assert metrics(out) == metrics(reference)
     assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
+def test_the_timeline_draws_the_merges_and_each_trainers_batch():
+    """adloco.timeline_marks reads worker 0's log lines (as the simulator prefixes them):
+    one mark per merge, and each trainer's b as a step series; other lines are ignored."""
+    from locotrain.algorithms.adloco import timeline_marks
+
+    logs = ["[t=0.00s w0] adloco round 0: trainer 0 b=4 nodes [0, 1]; trainer 1 b=4 nodes [2, 3]",
+            "[t=0.80s w0] adloco round 1: trainer 0 b=5 nodes [0, 1]; trainer 1 b=7 nodes [2, 3]",
+            "[t=0.90s w1] crashed",
+            "[t=1.60s w0] adloco round 2: merge trainer 0 (demand 10) into trainer 1 (demand 14), "
+            "weights 0.4167 / 0.5833",
+            "[t=1.60s w0] adloco round 2: trainer 1 b=9 nodes [0, 1, 2, 3]",
+            "[t=3.00s w0] adloco end: merge trainers 1, 2 (demands 36, 8) into the final model"]
+    got = timeline_marks(logs)
+    assert got["marks"] == [(1.6, "merge 0 \u2192 1"), (3.0, "merge 1, 2 \u2192 model")]
+    assert got["series"] == {"trainer 0": [(0.0, 4), (0.8, 5)],
+                             "trainer 1": [(0.0, 4), (0.8, 7), (1.6, 9)]}
+
+
+def test_a_runs_timeline_carries_its_batch_schedule(tmp_path):
+    """A finished run's folder: report.algorithm_overlay finds AdLoCo's marks in its
+    metrics.jsonl, with the b each round logged, and timeline.png is drawn with them."""
+    from locotrain import report
+
+    out = tmp_path / "run"
+    simulate(tiny_config("algorithm.name=adloco", "algorithm.H=2", "algorithm.trainers=2",
+                         "algorithm.initial_batch=2", "cluster.preset=two-datacenters",
+                         "cluster.size=4"), out)
+    overlay = report.algorithm_overlay(out)
+    logged = [e["text"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if e["event"] == "log" and " b=" in e.get("text", "")]
+    assert logged and set(overlay["series"]) >= {"trainer 0"}
+    assert sum(len(v) for v in overlay["series"].values()) == sum(x.count(" b=") for x in logged)
+    assert (out / "plots" / "timeline.png").stat().st_size > 10_000

@@ -155,7 +155,9 @@ def test_sample_from_missing_or_corrupt_checkpoint(tmp_path, capsys):
     assert_user_error(capsys, ["sample", str(tmp_path / "nope")], "does not exist")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_user_error(capsys, ["sample", str(empty)], "holds no checkpoint")
+    assert_user_error(capsys, ["sample", str(empty)], "holds no finished model", "finished?")
+    (empty / "checkpoint").mkdir()  # what an interrupted run leaves
+    assert_user_error(capsys, ["sample", str(empty)], f"loco resume {empty}")
     out = tmp_path / "run"
     assert run(["run", "--quiet", "--out", str(out), *sets()], capsys)[0] == 0
     weights = out / "model.safetensors"

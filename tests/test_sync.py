@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from locotrain.codecs import make_codec
+from locotrain.errors import UserError
 from locotrain.data import make_shards
 from locotrain.run import build, simulate
 from locotrain.runtime.network import ring_allreduce_time
@@ -150,6 +151,33 @@ def test_one_worker_with_unlimited_network_takes_steps_times_step_time():
     assert r.summary["utilization"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("batch,fixed", [(4, 0.0), (4, 0.15), (2, 0.15), (8, 0.2)])
+def test_a_step_costs_its_fixed_part_plus_the_batch_share_of_the_rest(batch, fixed):
+    """cluster.step_fixed_s F: a step of batch b takes F + (step_time_s - F) b / b0, b0 the
+    config's train.batch_size (here every worker's, so b = b0 and the step is step_time_s),
+    or, for a worker with its own batch, that formula; F = 0 is the plain linear model."""
+    from locotrain.cluster import Cluster
+    from locotrain.config import load_config
+
+    cfg = load_config("quickstart", ["cluster.preset=custom", "cluster.regions=['r']",
+                                     "cluster.latency_s=[[0.0]]", "cluster.bandwidth_gbps=[[0.0]]",
+                                     f"cluster.workers=[{{region='r', batch_size={batch}}}]",
+                                     f"cluster.step_time_s={STEP}", f"cluster.step_fixed_s={fixed}",
+                                     "train.batch_size=4", "cluster.size=1"])[1]
+    cluster = Cluster(cfg.cluster, cfg.train.batch_size)
+    assert cluster.step_time(0, 1.0, 64) == pytest.approx(fixed + (STEP - fixed) * batch / 4)
+
+
+def test_a_fixed_part_longer_than_the_step_is_a_one_line_error():
+    from locotrain.cluster import Cluster
+    from locotrain.config import load_config
+
+    cfg = load_config("quickstart", [f"cluster.step_time_s={STEP}",
+                                     f"cluster.step_fixed_s={STEP * 2}"])[1]
+    with pytest.raises(UserError, match="step_fixed_s"):
+        Cluster(cfg.cluster, cfg.train.batch_size)
+
+
 def test_two_worker_all_reduce_over_one_link_matches_the_closed_form():
     latency, gbps, H = 0.03, 0.05, 4
     r = simulate(tiny_config("algorithm.name=diloco", f"algorithm.H={H}",
@@ -263,3 +291,16 @@ def test_speed_scaled_diloco_equalises_round_durations_and_spends_the_budget():
     compute = spans(r, "compute")
     assert compute == pytest.approx([2 * 8 * STEP, 2 * 4 * STEP / 0.5])  # equal durations
     assert spans(r, "idle") == pytest.approx([0.0, 0.0], abs=1e-9)
+
+
+@pytest.mark.parametrize("fixed", [0.0, 0.2, STEP])
+def test_a_smaller_batch_saves_only_the_part_of_the_step_that_scales(fixed):
+    """AdLoCo with its batch frozen at 2 of the worker's 8 (one worker, no network): every
+    inner step takes F + (step_time_s - F) 2 / 8, so the run takes steps x that; F = the
+    whole step (a launch-bound GPU) makes a batch of 2 cost as much as one of 8."""
+    r = simulate(tiny_config("algorithm.name=adloco", "algorithm.H=2", "algorithm.trainers=1",
+                             "algorithm.initial_batch=2", "algorithm.batch_test=none",
+                             f"cluster.step_time_s={STEP}", f"cluster.step_fixed_s={fixed}"))
+    steps = r.summary["inner_steps"]
+    assert steps == 8192 // (2 * 16)
+    assert r.summary["sim_time_s"] == pytest.approx(steps * (fixed + (STEP - fixed) * 2 / 8))

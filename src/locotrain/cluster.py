@@ -195,6 +195,10 @@ class Cluster:
             w.speed = fastest - c.heterogeneity * (fastest - w.speed)
         if c.step_time_s < 0 or c.mfu <= 0 or c.jitter < 0:
             raise UserError("cluster.step_time_s must be >= 0, cluster.mfu > 0, cluster.jitter >= 0")
+        if c.step_fixed_s < 0 or (c.step_time_s > 0 and c.step_fixed_s > c.step_time_s):
+            raise UserError(f"cluster.step_fixed_s must be in [0, cluster.step_time_s], got "
+                            f"{c.step_fixed_s}; it is the part of a step that does not scale "
+                            "with the batch")
         self.reference_peak = ref_peak
         self.default_batch = default_batch
         self._slowdowns = self._build_slowdowns(c)
@@ -218,12 +222,12 @@ class Cluster:
     # -- compute time ---------------------------------------------------------------
     def step_time(self, worker: int, flops_per_token: float, seq_len: int) -> float:
         """Seconds for one inner step of `worker` at full speed (before slowdowns)."""
-        w = self.workers[worker]
+        w, fixed = self.workers[worker], self.cfg.step_fixed_s
         if self.cfg.step_time_s > 0:
-            base = self.cfg.step_time_s * w.batch_size / self.default_batch
+            base = fixed + (self.cfg.step_time_s - fixed) * w.batch_size / self.default_batch
         else:
             flops = flops_per_token * w.batch_size * seq_len
-            base = flops / (self.reference_peak * self.cfg.mfu)
+            base = fixed + flops / (self.reference_peak * self.cfg.mfu)
         return base / w.speed
 
     def compute_span(self, worker: int, start: float, seconds: float) -> tuple[float, float]:

@@ -216,6 +216,10 @@ class ClusterConfig:
     inter_gbps: float = 0.0  # presets: override the inter-region bandwidth
     inter_latency_s: float = -1.0  # presets: override the inter-region latency
     step_time_s: float = 0.0  # seconds per inner step at speed 1 and train.batch_size; 0 = FLOPs
+    # The part of a step that does not shrink with the batch (kernel launches, the optimizer):
+    # a step of batch b takes fixed + (step - fixed) b / train.batch_size. 0 = all of it
+    # scales (the arithmetic of a large model); a small model on a GPU is mostly fixed cost.
+    step_fixed_s: float = 0.0
     device: str = "H100"
     mfu: float = 0.4  # model FLOPs utilisation when step time is derived from FLOPs
     jitter: float = 0.0  # relative std of each compute span (seeded)

@@ -279,16 +279,23 @@ def time_shares(spans: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def timeline_figure(spans: list[dict], title: str, max_processes: int = 24,
-                    clock: str = "simulated"):
+                    clock: str = "simulated", overlay: dict | None = None):
     """Gantt chart of compute / blocked / idle spans per process, each process's transfers
     ("comm" spans) as a thin lane under its bar, and the shares of time at the right.
-    `clock`: "simulated" (the simulator's virtual time) or "wall-clock" (real processes)."""
+    `clock`: "simulated" (the simulator's virtual time) or "wall-clock" (real processes).
+    `overlay`: an algorithm's own events (draw_overlay), marks over the chart and its
+    per-round values in a panel below."""
     procs = list(dict.fromkeys(s["process"] for s in spans))
     names = procs[:max_processes]
     has_comm = any(s["kind"] == "comm" for s in spans)
     shares = time_shares([s for s in spans if s["process"] in names])
-    fig, ax = plt.subplots(figsize=(8.5, (0.5 if has_comm else 0.4) * len(names) + 1.6),
-                           layout="constrained")
+    height = (0.5 if has_comm else 0.4) * len(names) + 1.6
+    if overlay and overlay.get("series"):
+        fig, (ax, below) = plt.subplots(2, 1, sharex=True, figsize=(8.5, height + 1.4),
+                                        height_ratios=[height, 1.4], layout="constrained")
+    else:
+        fig, ax = plt.subplots(figsize=(8.5, height), layout="constrained")
+        below = None
     bar = (-0.36, 0.52) if has_comm else (-0.36, 0.72)
     lane = (0.2, 0.16)
     for row, name in enumerate(names):
@@ -304,9 +311,11 @@ def timeline_figure(spans: list[dict], title: str, max_processes: int = 24,
     ax.set_ylim(len(names) - 0.5, -0.5)
     ax.set_xlim(left=min((s["start"] for s in spans), default=0.0))
     ax.margins(x=0.01)
-    ax.set_xlabel("simulated time (s)" if clock == "simulated" else
-                  "wall-clock time since the run started (s)" if clock == "wall-clock" else
-                  "time (s)")
+    (below or ax).set_xlabel("simulated time (s)" if clock == "simulated" else
+                             "wall-clock time since the run started (s)" if clock == "wall-clock"
+                             else "time (s)")
+    if overlay:
+        draw_overlay(ax, below, overlay)
     shown = title if len(procs) <= max_processes else \
         f"{title} (first {max_processes} of {len(procs)} processes)"
     ax.set_title(shown, fontsize=11)
@@ -331,8 +340,51 @@ def timeline_figure(spans: list[dict], title: str, max_processes: int = 24,
 
 
 def plot_timeline(path: Path, spans: list[dict], title: str, max_processes: int = 24,
-                  clock: str = "simulated") -> None:
-    _save(timeline_figure(spans, title, max_processes, clock), path)
+                  clock: str = "simulated", overlay: dict | None = None) -> None:
+    _save(timeline_figure(spans, title, max_processes, clock, overlay), path)
+
+
+def draw_overlay(ax, below, overlay: dict) -> None:
+    """An algorithm's own events (its `timeline_marks`, e.g. AdLoCo's merges and batch
+    schedule): a dotted line and a label per mark across the chart, and step lines of its
+    per-round values in the panel below."""
+    for t, label in overlay.get("marks", []):
+        for a in (ax, below):
+            if a is not None:
+                a.axvline(t, color="0.2", linestyle=":", linewidth=1.0)
+        ax.annotate(label, (t, 1), xycoords=("data", "axes fraction"), xytext=(2, -2),
+                    textcoords="offset points", fontsize=7, color="0.2", va="top")
+    if below is None:
+        return
+    for i, (name, points) in enumerate(overlay["series"].items()):
+        ts, vs = zip(*points)
+        below.step(ts, vs, where="post", color=OVERLAY_COLORS[i % len(OVERLAY_COLORS)],
+                   linewidth=1.5, label=name)
+    below.set_ylabel(overlay.get("series_label", ""), fontsize=8)
+    below.set_ylim(bottom=0)
+    below.grid(alpha=0.3)
+    below.legend(fontsize=7, loc="upper left", frameon=False, ncol=4)
+
+
+OVERLAY_COLORS = ["#8172B3", "#DD8452", "#937860", "#DA8BC3", "#000000"]  # none of the states'
+
+
+def algorithm_overlay(out: Path) -> dict | None:
+    """The run's algorithm's marks for the timeline, from its log lines in metrics.jsonl,
+    when the algorithm's file defines `timeline_marks` (the algorithm owns its log format)."""
+    import json
+    from importlib import import_module
+
+    try:
+        name = tomllib.loads((Path(out) / "config.toml").read_text())["algorithm"]["name"]
+        lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+        marks = getattr(import_module(f"locotrain.algorithms.{name}"), "timeline_marks", None)
+    except (OSError, KeyError, ImportError, tomllib.TOMLDecodeError):
+        return None
+    if marks is None:
+        return None
+    logs = [e["text"] for e in map(json.loads, lines) if e.get("event") == "log"]
+    return marks(logs)
 
 
 # --------------------------------------------------------------------------- one run
@@ -379,7 +431,8 @@ def plot_run(out: Path, evals: list[dict], spans: list[dict] | None, label: str,
                     "bytes sent (all processes)", title, logx=True)
     if spans:
         plot_timeline(plots / "timeline.png", spans,
-                      f"{title}: where each process's time goes", clock=clock)
+                      f"{title}: where each process's time goes", clock=clock,
+                      overlay=algorithm_overlay(out))
 
 
 def plot_sweep(path: Path, keys: list[str], rows: list[tuple[dict, dict, list[dict]]]) -> None:

@@ -82,6 +82,7 @@ is DiLoCo with plain-SGD outer steps (pinned by tests/test_adloco.py).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -227,6 +228,29 @@ _SKETCH_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def describe(members: dict[int, list[int]], batch: dict[int, int]) -> str:
     return "; ".join(f"trainer {t} b={batch[t]} nodes {members[t]}" for t in members)
+
+
+_LOG = re.compile(r"^\[t=([0-9.]+)s w0\] adloco (?:round \d+|end): (.*)$")
+_TRAINER = re.compile(r"trainer (\d+) b=(\d+) nodes")
+_MERGE = re.compile(r"merge trainers? ([0-9, ]+?) \(.*?\) into (trainer \d+|the final model)")
+
+
+def timeline_marks(logs: list[str]) -> dict:
+    """What report.py draws over the timeline, from worker 0's log lines (describe() and the
+    merge lines): each merge as a vertical mark, and each trainer's batch as a step line."""
+    marks, series = [], {}
+    for line in logs:
+        m = _LOG.match(line)
+        if not m:
+            continue
+        t, text = float(m.group(1)), m.group(2)
+        if "merge" in text:
+            merged = _MERGE.search(text)
+            marks.append((t, f"merge {merged.group(1)} \u2192 {merged.group(2).split()[-1]}"
+                          if merged else "merge"))
+        for k, b in _TRAINER.findall(text):
+            series.setdefault(f"trainer {k}", []).append((t, int(b)))
+    return {"marks": marks, "series": series, "series_label": "batch per trainer (b)"}
 
 
 # --------------------------------------------------------------------------- the algorithm

@@ -312,8 +312,12 @@ class SimRuntime:
         """The job runs whenever the engine gets to it; the worker resumes at the modelled
         end of its steps. Returns the times at which these fractions of its work are done."""
         w = proc.worker.index
-        # Step time grows with the batch (the FLOPs model is linear in tokens).
-        seconds = job.steps * self.step_times[w] * job.batch / proc.worker.batch_size
+        # A step of another batch than the worker's: its fixed part (cluster.step_fixed_s,
+        # once per forward/backward pass) plus the batch's share of the rest.
+        fixed = self.cluster.cfg.step_fixed_s / self.cluster.workers[w].speed
+        passes = -(-job.batch // job.micro_batch) if job.micro_batch else 1
+        seconds = job.steps * (fixed * passes + (self.step_times[w] - fixed)
+                               * job.batch / proc.worker.batch_size)
         if self.cluster.cfg.jitter > 0:
             seconds *= max(0.1, 1.0 + self.cluster.cfg.jitter * self._jitter[w].gauss(0.0, 1.0))
         end, lost = self.cluster.compute_span(w, self.time, seconds)
