@@ -169,6 +169,38 @@ def test_launch_checks_the_process_count(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("algorithm", [["algorithm.name=diloco", "algorithm.H=4"],
+                                       ["algorithm.name=ddp"]], ids=["diloco", "ddp"])
+def test_sigterm_stops_a_real_run_at_a_checkpoint_that_resumes_to_the_same_end(tmp_path, algorithm):
+    """No train.checkpoint_every: SIGTERM to `loco launch` mid-run makes every rank stop at
+    the next common cut, with a checkpoint and one line saying how to continue (exit 143);
+    `loco resume` ends where a run never stopped ends."""
+    sets = [*algorithm, "train.tokens=65536", "train.threads=1"]
+    _, whole, _ = launch(tmp_path, *sets, name="whole")
+    out = tmp_path / "stopped"
+    args = [sys.executable, "-m", "locotrain", "launch", "quickstart", "--quiet", "--out", str(out)]
+    for o in REAL + sets:
+        args += ["--set", o]
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while child.poll() is None and not any(  # training has started: an evaluation after 0
+            json.loads(x).get("tokens", 0) > 0 for x in
+            ((out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else [])):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    if (out / "summary.json").exists():
+        pytest.skip("the run finished before the launcher could be stopped")  # a fast machine
+    assert child.returncode == 128 + signal.SIGTERM, err
+    assert f"loco resume {out}" in err and (out / "checkpoint" / "real.json").exists(), err
+    done = subprocess.run([sys.executable, "-m", "locotrain", "resume", str(out)],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    assert no_stray_processes(out)
+
+
 @pytest.mark.parametrize("algorithm", [
     ["algorithm.name=diloco", "algorithm.H=4"],
     ["algorithm.name=streaming", "algorithm.H=4", "algorithm.fragments=2", "algorithm.tau=1",

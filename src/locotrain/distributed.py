@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from .config import load_config
 from .errors import UserError
+from .runtime.dist_checkpoint import StoppedAtCheckpoint
 from .runtime.launch import die_with_launcher
 from .runtime.torchdist import DistRuntime, PeerFailure
 from .runtime.transport import SECRET_ENV, resolve_secret
@@ -64,12 +66,19 @@ def main(argv: list[str] | None = None) -> int:
         rt = DistRuntime(cfg, build(cfg), rank, world, local_rank,
                          Path(args.out) if args.out else None, args.force,
                          args.prepared or args.resume, resume=args.resume)
+        if rt.ckpt.enabled:  # stop at the next common checkpoint instead of dying mid-round
+            signal.signal(signal.SIGTERM, lambda *_: setattr(rt.ckpt, "stop_requested", True))
         rt.run()
         rt.finish()
         finished = True
     except UserError as e:
         print(f"loco: error: {e}", file=sys.stderr)
         code = 2
+    except StoppedAtCheckpoint:
+        if rank == 0:
+            print(f"loco: stopped at a checkpoint; continue with `loco resume {args.out}`",
+                  file=sys.stderr)
+        code = 128 + signal.SIGTERM
     except PeerFailure as e:
         print(f"loco: {e}", file=sys.stderr)
         code = 1

@@ -34,13 +34,23 @@ from .api import Handle
 MANIFEST = "real.json"
 SMALL = 4096  # all-reduce results up to this many values are recorded for replays
 _AT = "locotrain/checkpoint/at"
+_STOP = "locotrain/checkpoint/stop"  # the checkpoint after which every rank stops
+
+
+class StoppedAtCheckpoint(Exception):
+    """This rank was asked to stop (SIGTERM), and every rank has saved the checkpoint."""
 
 
 class Checkpoints:
-    def __init__(self, rt, every_tokens: int):
+    def __init__(self, rt, every_tokens: int, enabled: bool = True):
         self.rt = rt
-        self.every = every_tokens if rt.setup.algorithm.synchronous else 0
+        # Synchronous algorithms with a run folder checkpoint: every `every` tokens, and at
+        # the next common cut once a stop is asked for (SIGTERM, `loco launch` stopping).
+        self.enabled = enabled and rt.setup.algorithm.synchronous
+        self.every = every_tokens if self.enabled else 0
         self.next = self.every
+        self.stop_requested = False  # set by the SIGTERM handler (distributed.py)
+        self.stop_scheduled = False
         self.events = 0  # primitives this rank's process has yielded
         self.reduces = 0  # all-reduces of all workers completed, in program order
         self.outstanding: list[Handle] = []  # started, not yet waited for
@@ -60,18 +70,23 @@ class Checkpoints:
         result = handle.result
         if sum(t.numel() for t in result) <= SMALL:
             self.exchanged.append([t.detach().cpu().reshape(-1).tolist() for t in result])
-        if handle.state.get("group") != tuple(range(self.rt.job.M)) or not self.every:
+        if handle.state.get("group") != tuple(range(self.rt.job.M)) or not self.enabled:
             return
         self.reduces += 1
         rt = self.rt
-        if rt.rank == 0 and rt.tokens * rt.job.M >= self.next:
+        stopping = self.stop_requested and not self.stop_scheduled
+        if rt.rank == 0 and (stopping or (self.every and rt.tokens * rt.job.M >= self.next)):
             # The first all-reduce rank 0 has not joined yet (it may have started some already:
             # eager updates and Streaming DiLoCo's overlap): nobody can finish it before
             # rank 0 joins it, which it does after it has said so.
             at = self.reduces + len([h for h in self.outstanding
                                      if h.state.get("group") == tuple(range(rt.job.M))]) + 1
             rt.store.set(_AT, str(at))
-            self.next = (rt.tokens * rt.job.M // self.every + 1) * self.every
+            if stopping:  # every rank stops after this one, whether or not it got the signal
+                rt.store.set(_STOP, str(at))
+                self.stop_scheduled = True
+            if self.every:
+                self.next = (rt.tokens * rt.job.M // self.every + 1) * self.every
         if rt.store.check([_AT]) and int(rt.store.get(_AT)) == self.reduces:
             self.due = True
 
@@ -120,6 +135,8 @@ class Checkpoints:
             atomic_write(rt.out / STATE_DIR / MANIFEST, json.dumps({
                 "world": len(rt.procs), "reduces": self.reduces,
                 "config_sha256": hashlib.sha256(config).hexdigest()}))
+        if rt.store.check([_STOP]) and int(rt.store.get(_STOP)) == self.reduces:
+            raise StoppedAtCheckpoint
 
     def _forget_all_but(self, keep: list[int]) -> None:
         """Delete this rank's older checkpoints. The one before the newest is kept: when any

@@ -104,6 +104,7 @@ def launch(cfg, out: Path, procs: list, workers: int, synchronous: bool, nproc: 
         str(out / "config.toml"), "--out", str(out), "--prepared"] + (["--resume"] if resume else [])
     children: list[subprocess.Popen] = []
     previous = {}
+    grace = _GRACE_S
     try:
         if threading.current_thread() is threading.main_thread():  # (signals need it)
             for s in _STOP_SIGNALS:
@@ -119,12 +120,19 @@ def launch(cfg, out: Path, procs: list, workers: int, synchronous: bool, nproc: 
         give_up = cfg.runtime.timeout_s + 15 if synchronous else None
         _wait(children, procs, give_up)
     except _Stopped as e:
-        print(f"loco launch: got {e}; stopping every process", file=sys.stderr)
+        # The ranks of a synchronous run stop at their next common checkpoint (SIGTERM asks
+        # them to; dist_checkpoint.py), which takes up to a round: give them that long.
+        if synchronous:
+            grace = cfg.runtime.timeout_s
+            print(f"loco launch: got {e}; stopping every process at its next checkpoint "
+                  f"(within runtime.timeout_s = {grace:g} s)", file=sys.stderr)
+        else:
+            print(f"loco launch: got {e}; stopping every process", file=sys.stderr)
         return 128 + e.signum  # after `finally` has stopped them
     finally:
         for s in previous:  # a late signal must not interrupt the cleanup
             signal.signal(s, signal.SIG_IGN)
-        _stop(children)
+        _stop(children, grace)
         for s, handler in previous.items():
             signal.signal(s, handler)
         del store
@@ -162,13 +170,14 @@ def _wait(children: list[subprocess.Popen], procs, give_up_s: float | None) -> N
         time.sleep(0.1)
 
 
-def _stop(children: list[subprocess.Popen]) -> None:
-    """Terminate, then kill, every child still running (and its process group)."""
+def _stop(children: list[subprocess.Popen], grace_s: float = _GRACE_S) -> None:
+    """Terminate, then kill `grace_s` later, every child still running (and its process
+    group)."""
     alive = [c for c in children if c.poll() is None]
     for c in alive:
         _signal_group(c, signal.SIGTERM)
         _signal_group(c, signal.SIGCONT)  # a stopped process acts on SIGTERM only once resumed
-    end = time.monotonic() + _GRACE_S
+    end = time.monotonic() + grace_s
     for c in alive:
         try:
             c.wait(max(0.0, end - time.monotonic()))

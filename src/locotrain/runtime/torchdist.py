@@ -193,7 +193,7 @@ class DistRuntime:
         self.scattering: list[Handle] = []  # quantised reduce-scatters in their first phase
         self.tokens = self.inner_steps = 0
         self.logs: list[str] = [note] if note and rank == 0 else []
-        self.ckpt = Checkpoints(self, cfg.train.checkpoint_every if out else 0)
+        self.ckpt = Checkpoints(self, cfg.train.checkpoint_every, enabled=out is not None)
         if cfg.train.checkpoint_every and not setup.algorithm.synchronous and rank == 0:
             self.logs.append("train.checkpoint_every: real runs of parameter-server algorithms "
                              "write no checkpoints (no consistent cut without stopping the servers)")
