@@ -10,9 +10,10 @@ the checkpoint comes after the next one it has not joined yet and says so throug
 torch.distributed's store before it joins that one; no rank can finish it before rank 0 has
 joined it, so every rank reads the decision in time. At that point each rank completes the
 all-reduces it started and has not waited for (the same ones on every rank), saves
-`checkpoint/rank<r>-<c>.json` and its tensors, and rank 0 writes `checkpoint/real.json` (naming c) once
-every rank has. Parameter-server
-algorithms have no such cut without stopping the servers, and are not checkpointed.
+`checkpoint/rank<r>-<c>.json` and its tensors, and rank 0 writes `checkpoint/real.json`
+(naming c) once every rank has. A stop (SIGTERM) is a checkpoint rank 0 asks for at once,
+after which every rank exits. Parameter-server algorithms have no such cut without stopping
+the servers, and are not checkpointed.
 """
 
 from __future__ import annotations
