@@ -12,6 +12,8 @@
 #               swept for data-parallel.
 # PART scaling-lr  the same at DiLoCo's inner lr 4e-3 (outer lr 0.7, 1 x momentum 0, 0.5),
 #               data-parallel at 8e-3.
+# PART async    claim 4: Async Local-SGD (delayed Nesterov + DyLU, and naive Nesterov) against
+#               DiLoCo at M = 4, equal speeds and two workers at half speed.
 # PART seeds    the spread over seeds 0-2 of data-parallel (lr 2e-3 and 4e-3; M = 1 x 64 and
 #               2 x 32) and of the best DiLoCo setting at M = 1, 2, 4.
 # PART overlap  claims 2 and 3 at M = 4 and M = 2: Streaming DiLoCo's codec, tau and alpha
@@ -64,6 +66,22 @@ seeds)  # the spread: the key cells again with seeds 0, 1, 2 (seed 0 repeats the
         --set cluster.preset=single --set cluster.size=$M --set train.batch_size=$((64 / M)) \
         --set train.lr=4e-3 --set algorithm.outer_lr=1.0 --set algorithm.outer_momentum=0 --seeds 3
   done ;;
+async)  # claim 4, M = 4 x 16, inner lr 4e-3: DiLoCo (outer 1.0, 0, claim 1's best) against
+  # Async Local-SGD with delayed Nesterov + DyLU (its defaults) and the naive asynchronous
+  # Nesterov, on equal speeds and with two of the four workers at half speed
+  hetero=(--set cluster.preset=custom --set "cluster.regions=['dc0', 'dc1']"
+          --set "cluster.latency_s=[[0.0001, 0.03], [0.03, 0.0001]]"
+          --set "cluster.bandwidth_gbps=[[100.0, 1.0], [1.0, 100.0]]"
+          --set "cluster.workers=[{region='dc0', count=2}, {region='dc1', count=2, speed=0.5}]")
+  for speeds in equal half; do
+    extra=(); [[ $speeds == half ]] && extra=("${hetero[@]}")
+    sweep async_diloco_$speeds --set algorithm.name=diloco --set algorithm.H=10 \
+        --set cluster.size=4 --set train.batch_size=16 --set train.lr=4e-3 \
+        --set algorithm.outer_lr=1.0 --set algorithm.outer_momentum=0 "${extra[@]}" --grid train.seed=0
+    sweep async_async_$speeds --set algorithm.name=async_local_sgd --set algorithm.H=10 \
+        --set cluster.size=4 --set train.batch_size=16 --set train.lr=4e-3 "${extra[@]}" \
+        --grid algorithm.server_optimizer=delayed_nesterov,nesterov
+  done ;;
 overlap)
   # claim 2, M = 4, H = 10 as claim 1's DiLoCo; 2 fragments of 2 blocks
   sweep streaming --set algorithm.name=streaming --set algorithm.H=10 --set cluster.size=4 \
@@ -83,7 +101,7 @@ overlap)
       --grid algorithm.H=15,60 --grid algorithm.outer_momentum=0,0.5
   sweep ladder_ddp --set algorithm.name=ddp --set cluster.size=2 --set train.batch_size=32 \
       --grid train.seed=0 ;;
-*) echo "PART is scaling, scaling-lr, seeds or overlap (or several, comma-separated)" >&2; exit 2 ;;
+*) echo "PART is scaling, scaling-lr, seeds, async or overlap (or several, comma-separated)" >&2; exit 2 ;;
 esac
 done
 wait
