@@ -155,6 +155,11 @@ def test_an_asynchronous_server_carries_on_without_a_dead_worker(tmp_path):
     log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(e["event"] == "log" and "worker w2 died" in e["text"] for e in log)
     assert summary["tokens"] >= 8192 - 4 * 8 * 16  # at most the dead worker's last task is lost
+    # The server handed the dead worker's task to the others: the model has the whole budget,
+    # and the dead worker's own tokens (left in the store) are counted: trained = model + lost.
+    assert summary["tokens_in_model"] == 8192
+    assert summary["tokens_trained"] == summary["tokens_in_model"] + summary["tokens_lost"]
+    assert summary["tokens_trained"] >= 8192
     assert no_stray_processes(out)
 
 

@@ -94,7 +94,7 @@ def summarize(cfg, setup, recorder, final: dict, stats: dict, elapsed: float) ->
         "workers": setup.job.M,
         "tokens": stats["tokens"],
         # Every token computed, those in the evaluated model, and those a crash threw away
-        # (the real runtime does not know the last: its runs report none lost).
+        # (real runs: what dead processes computed and the model never received).
         "tokens_trained": stats["tokens"] + stats.get("tokens_lost", 0),
         "tokens_in_model": final["tokens"],
         "tokens_lost": stats.get("tokens_lost", 0),

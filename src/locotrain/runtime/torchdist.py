@@ -66,6 +66,8 @@ def _all_gather(out: torch.Tensor, payload: torch.Tensor, group):
     return gather(out, payload, group=group, async_op=True)
 
 
+_COUNTERS = "locotrain/counters"  # a rank's "tokens inner_steps" so far (asynchronous runs)
+
 class PeerFailure(RuntimeError):
     """A collective could not complete: a peer process died or stalled."""
 
@@ -244,6 +246,9 @@ class DistRuntime:
             self.wall_per_step.append(seconds / job.steps)
             self.inner_steps += job.steps
             self.tokens += job.steps * job.tokens_per_step
+            if not self.setup.algorithm.synchronous:  # a run that outlives its dead workers
+                # counts their tokens from the last values they left in the launcher's store
+                self.store.set(f"{_COUNTERS}/{self.rank}", f"{self.tokens} {self.inner_steps}")
             if isinstance(op, Gradients) and op.buckets is not None:
                 return handles
             return result[0] if isinstance(op, Gradients) else result
@@ -520,6 +525,14 @@ class DistRuntime:
         workers = [s for s in stats if s["worker"] is not None]
         total = {k: sum(s[k] for s in stats) for k in ("tokens", "inner_steps", "bytes_sent",
                                                        "bytes_inter_region")}
+        if dead:  # their trained tokens, as far as they got; what the model lacks was lost
+            for r, proc in enumerate(self.procs):
+                if proc.name in dead and self.store.check([f"{_COUNTERS}/{r}"]):
+                    tokens, steps = map(int, self.store.get(f"{_COUNTERS}/{r}").split())
+                    total["tokens"] += tokens
+                    total["inner_steps"] += steps
+            total["tokens_lost"] = max(0, total["tokens"] - final["tokens"])
+            total["tokens"] -= total["tokens_lost"]
         elapsed = max(s["finished_at"] for s in stats)
         compute = [sum(e - b for k, b, e in s["spans"] if k == "compute") for s in workers]
         total |= {"peak_payload_bytes": max(s["peak_payload_bytes"] for s in stats),
