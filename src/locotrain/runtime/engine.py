@@ -259,8 +259,9 @@ class Engine:
         self.chunks.append((len(group), steps, time.perf_counter() - started))
 
     def _skip(self, group: list[Job]) -> None:
-        """A replayed (or phantom) job: the counters move as if it ran; its results are
-        placeholders of the right shapes (overwritten from the checkpoint when it matters)."""
+        """A replayed (or phantom) job: the counters move as if it ran, and its results are
+        zeros of the right shapes. A replay copies the checkpoint's values over whatever a
+        process keeps of them; a phantom run needs the shapes only."""
         for j in group:
             r = j.row
             steps = j.steps - j.done
