@@ -49,7 +49,8 @@ sys.exit(launch(cfg, Path(out), setup.algorithm.processes(), setup.job.M,
 
 
 def launch_with_fault(tmp_path, rank, steps, *overrides):
-    """`loco launch`, with rank `rank` dying abruptly after `steps` inner steps."""
+    """`loco launch`, with rank `rank` dying abruptly after `steps` inner steps, or, for
+    steps = "term:N", sending the launcher SIGTERM after N (tests/faulty_rank.py)."""
     out = tmp_path / "run"
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", FAULTY, str(rank), str(steps), str(out),
@@ -174,64 +175,28 @@ def test_launch_checks_the_process_count(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("algorithm", [["algorithm.name=diloco", "algorithm.H=4"],
-                                       ["algorithm.name=ddp"]], ids=["diloco", "ddp"])
-def test_sigterm_stops_a_real_run_at_a_checkpoint_that_resumes_to_the_same_end(tmp_path, algorithm):
-    """No train.checkpoint_every: SIGTERM to `loco launch` mid-run makes every rank stop at
-    the next common cut, with a checkpoint and one line saying how to continue (exit 143);
-    `loco resume` ends where a run never stopped ends."""
-    sets = [*algorithm, "train.tokens=65536", "train.threads=1"]
-    _, whole, _ = launch(tmp_path, *sets, name="whole")
-    out = tmp_path / "stopped"
-    args = [sys.executable, "-m", "locotrain", "launch", "quickstart", "--quiet", "--out", str(out)]
-    for o in REAL + sets:
-        args += ["--set", o]
-    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while child.poll() is None and not any(  # training has started: an evaluation after 0
-            json.loads(x).get("tokens", 0) > 0 for x in
-            ((out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else [])):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    child.send_signal(signal.SIGTERM)
-    _, err = child.communicate(timeout=120)
-    if (out / "summary.json").exists():
-        pytest.skip("the run finished before the launcher could be stopped")  # a fast machine
-    assert child.returncode == 128 + signal.SIGTERM, err
-    assert f"loco resume {out}" in err and (out / "checkpoint" / "real.json").exists(), err
-    done = subprocess.run([sys.executable, "-m", "locotrain", "resume", str(out)],
-                          capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
-    assert no_stray_processes(out)
+STREAMING = ["algorithm.name=streaming", "algorithm.H=4", "algorithm.fragments=2",
+             "algorithm.tau=1", "algorithm.alpha=0.5", "model.depth=2"]
 
 
-@pytest.mark.parametrize("algorithm", [
-    ["algorithm.name=diloco", "algorithm.H=4"],
-    ["algorithm.name=streaming", "algorithm.H=4", "algorithm.fragments=2", "algorithm.tau=1",
-     "algorithm.alpha=0.5", "model.depth=2"],
-    ["algorithm.name=eager", "algorithm.H=4"],
-    ["algorithm.name=ddp"],
-], ids=["diloco", "streaming", "eager", "ddp"])
-def test_a_real_run_resumes_from_its_checkpoint_to_the_same_end(tmp_path, algorithm):
-    """Checkpoints every 2048 tokens; the launcher is stopped (SIGTERM) once one exists;
-    `loco resume` continues: the same metrics, bytes and model as a run never stopped."""
-    sets = [*algorithm, "train.tokens=65536", "train.checkpoint_every=4096", "train.threads=1"]
+@pytest.mark.parametrize("algorithm,every", [
+    (["algorithm.name=diloco", "algorithm.H=4"], 4096), (STREAMING, 4096),
+    (["algorithm.name=eager", "algorithm.H=4"], 4096), (["algorithm.name=ddp"], 4096),
+    (["algorithm.name=diloco", "algorithm.H=4"], 0), (["algorithm.name=ddp"], 0),
+], ids=["diloco", "streaming", "eager", "ddp", "diloco-no-schedule", "ddp-no-schedule"])
+def test_a_stopped_real_run_resumes_from_its_checkpoint_to_the_same_end(tmp_path, algorithm, every):
+    """The launcher gets SIGTERM at inner step 24 of rank 0 (after the first scheduled
+    checkpoint at 4096 tokens, if any): every rank stops at the next common cut with a
+    checkpoint, exit 143 and one line saying how to continue; `loco resume` ends with the
+    same metrics, bytes and model as a run never stopped."""
+    sets = [*algorithm, "train.tokens=65536", f"train.checkpoint_every={every}",
+            "train.threads=1"]
     proc, whole, _ = launch(tmp_path, *sets, name="whole")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = tmp_path / "stopped"
-    args = [sys.executable, "-m", "locotrain", "launch", "quickstart", "--quiet", "--out", str(out)]
-    for o in REAL + sets:
-        args += ["--set", o]
-    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoint" / "real.json").exists() and child.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    child.send_signal(signal.SIGTERM)
-    child.communicate(timeout=60)
-    if (out / "summary.json").exists():
-        pytest.skip("the run finished before the launcher could be stopped")  # a fast machine
+    stopped, out, _ = launch_with_fault(tmp_path, 0, "term:24", *sets)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert f"loco resume {out}" in stopped.stderr and not (out / "summary.json").exists()
+    assert (out / "checkpoint" / "real.json").exists()
     # What a rank leaves when it dies while saving a checkpoint that real.json never named:
     # the resume must take the named one.
     (out / "checkpoint" / "rank1-999999.json").write_text("{}")

@@ -34,8 +34,8 @@ from .api import Handle
 
 MANIFEST = "real.json"
 SMALL = 4096  # all-reduce results up to this many values are recorded for replays
-_AT = "locotrain/checkpoint/at"
-_STOP = "locotrain/checkpoint/stop"  # the checkpoint after which every rank stops
+_AT = "locotrain/checkpoint/at"  # + "/c": a checkpoint after all-reduce c
+_STOP = "locotrain/checkpoint/stop"  # + "/c": every rank stops after the checkpoint at cut c
 
 
 class StoppedAtCheckpoint(Exception):
@@ -57,7 +57,7 @@ class Checkpoints:
         self.outstanding: list[Handle] = []  # started, not yet waited for
         self.exchanged: list = []  # small all-reduce results, in order
         self.replay: dict | None = None
-        self.due = False  # a checkpoint after the primitive under way
+        self.due = 0  # c > 0: a checkpoint at cut c, after the primitive under way
         self.saved: list[int] = []  # the checkpoints (all-reduce counts) this rank wrote
 
     # -- hooks of the runtime ----------------------------------------------------------------
@@ -82,14 +82,14 @@ class Checkpoints:
             # rank 0 joins it, which it does after it has said so.
             at = self.reduces + len([h for h in self.outstanding
                                      if h.state.get("group") == tuple(range(rt.job.M))]) + 1
-            rt.store.set(_AT, str(at))
+            rt.store.set(f"{_AT}/{at}", "1")  # one key per cut: a later one never hides it
             if stopping:  # every rank stops after this one, whether or not it got the signal
-                rt.store.set(_STOP, str(at))
+                rt.store.set(f"{_STOP}/{at}", "1")
                 self.stop_scheduled = True
             if self.every:
                 self.next = (rt.tokens * rt.job.M // self.every + 1) * self.every
-        if rt.store.check([_AT]) and int(rt.store.get(_AT)) == self.reduces:
-            self.due = True
+        if rt.store.check([f"{_AT}/{self.reduces}"]):
+            self.due = self.reduces
 
     def replayed(self, tensors) -> Handle:
         """An all-reduce during a replay: what the original run got, if small, else zeros of
@@ -112,15 +112,15 @@ class Checkpoints:
         if self.replay is not None and self.events == self.replay["events"]:
             self._restore(value)
         elif self.due:
-            self.due = False
-            self.save(value)
+            cut, self.due = self.due, 0
+            self.save(value, cut)
 
     # -- saving --------------------------------------------------------------------------------
-    def save(self, value) -> None:
+    def save(self, value, cut: int) -> None:
         rt = self.rt
         for handle in list(self.outstanding):
             rt._wait(handle)  # every rank started the same ones
-        self.due = False  # (completing them may have asked again)
+        self.due = 0  # (completing them may have asked again)
         tensors, meta = self._state(value)
         # One file set per checkpoint: a rank that dies while the others save (before rank 0
         # has named this checkpoint in real.json) must leave the previous one whole.
@@ -136,7 +136,7 @@ class Checkpoints:
             atomic_write(rt.out / STATE_DIR / MANIFEST, json.dumps({
                 "world": len(rt.procs), "reduces": self.reduces,
                 "config_sha256": hashlib.sha256(config).hexdigest()}))
-        if rt.store.check([_STOP]) and int(rt.store.get(_STOP)) == self.reduces:
+        if rt.store.check([f"{_STOP}/{cut}"]):
             raise StoppedAtCheckpoint
 
     def _forget_all_but(self, keep: list[int]) -> None:
