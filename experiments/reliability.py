@@ -5,7 +5,8 @@ checkpoint costs; the tables of docs/reliability.md.
 
 Simulation: every algorithm on two-datacenters (4 workers, quickstart-size model), one
 worker crashing mid-run and restarting 30 s later (cluster.on_crash = "wait"; for the
-parameter-server algorithms also "drop", in which the process dies and comes back fresh).
+parameter-server algorithms, ddp and diloco also "drop", in which the process dies and comes
+back fresh: the servers give its task back, the synchronous group re-forms without it).
 Real runs (CPU, gloo, loopback): a worker killed (SIGKILL) mid-run and a worker stopped
 (SIGSTOP), with runtime.timeout_s = 10; the time to detect is when the survivors' log says
 so, after the fault. Checkpoints: the seconds and bytes of one checkpoint of the quickstart
@@ -43,7 +44,7 @@ def simulated() -> list[dict]:
     for name, extra in ALGORITHMS.items():
         base = ["algorithm.name=" + name, *extra, *SMALL]
         plain = simulate(load_config("quickstart", base)[1]).summary
-        modes = ["wait"] + (["drop"] if name in ("async_local_sgd", "halos") else [])
+        modes = ["wait"] + (["drop"] if name in ("ddp", "diloco", "async_local_sgd", "halos") else [])
         for mode in modes:
             crash_at = round(plain["sim_time_s"] / 2, 2)
             cfg = load_config("quickstart", base + [

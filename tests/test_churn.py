@@ -111,8 +111,8 @@ def test_a_permanently_lost_link_ends_the_run_with_one_line_at_the_time(tmp_path
 
 
 @pytest.mark.parametrize("overrides", [
-    ["algorithm.name=diloco", "cluster.on_crash=drop", crash(1, 1.0)],
-    ["algorithm.name=ddp", "cluster.workers=[{region='a'}, {region='a', join_s=5.0}]"],
+    ["algorithm.name=streaming", "algorithm.H=2", "cluster.on_crash=drop", crash(1, 1.0)],
+    ["algorithm.name=eager", "algorithm.H=2", "cluster.workers=[{region='a'}, {region='a', join_s=5.0}]"],
     ["algorithm.name=diloco", crash(1, 1.0)],  # never back, yet waited for
     ["algorithm.name=diloco", "cluster.crashes=[{worker=1, at_s=1.0, restart_after_s=5.0}, "
      "{worker=1, at_s=3.0, restart_after_s=1.0}]"],  # a crash while down

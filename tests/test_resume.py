@@ -19,6 +19,9 @@ BASE = [*TINY, "cluster.preset=two-datacenters", "cluster.size=4", "cluster.step
 CASES = {
     "ddp": ["algorithm.name=ddp"],
     "diloco": ["algorithm.name=diloco", "algorithm.H=4"],
+    # worker 2 crashes mid-round and heals from a live peer (cluster.on_crash = "drop")
+    "diloco-heal": ["algorithm.name=diloco", "algorithm.H=4", "cluster.on_crash=drop",
+                    "cluster.crashes=[{worker=2, at_s=0.25, restart_after_s=0.3}]"],
     "streaming": ["algorithm.name=streaming", "algorithm.H=4", "algorithm.fragments=2",
                   "algorithm.tau=1", "algorithm.alpha=0.5", "model.depth=2"],
     "eager": ["algorithm.name=eager", "algorithm.H=4"],

@@ -71,13 +71,12 @@ def build(cfg: Config, workload=None) -> Setup:
         depth=getattr(workload, "depth", cfg.model.depth),
     )
     algorithm = build_algorithm(cfg.algorithm.name, settings, job)
-    if algorithm.synchronous and (cluster.crashes_that_drop() or any(w.join_s for w in job.workers)):
-        # A synchronous group would need a worker to heal from a live peer (as torchft does)
-        # to take one that joins or restarts; the simulator does not model that.
-        raise UserError(f"{cfg.algorithm.name} is synchronous: its workers wait for each "
-                        "other, so crashes need cluster.on_crash = \"wait\" and no worker can "
-                        "join mid-run (join_s); the parameter-server algorithms "
-                        "(async_local_sgd, halos) take both")
+    if (algorithm.synchronous and not algorithm.heals
+            and (cluster.crashes_that_drop() or any(w.join_s for w in job.workers))):
+        raise UserError(f"{cfg.algorithm.name} waits for crashed workers: use cluster.on_crash "
+                        "= \"wait\" and no mid-run joins (join_s); the group re-forms around "
+                        "crashes and joins with ddp and diloco, and the parameter-server "
+                        "algorithms (async_local_sgd, halos) carry on without the worker")
     # Rounds bind synchronous algorithms only: an asynchronous worker's last task is cut to
     # the budget, and the fastest worker runs more steps than the average.
     check_budget(job, getattr(settings, "H", None) if algorithm.synchronous else None)

@@ -46,6 +46,7 @@ def buckets(shapes: list[tuple[int, ...]], bucket_mb: float) -> list[list[int]]:
 
 class DDP(Algorithm):
     name = "ddp"
+    heals = True  # its group re-forms when workers crash, restart or join
 
     def __init__(self, cfg, job):
         super().__init__(cfg, job)
@@ -62,11 +63,16 @@ class DDP(Algorithm):
         batches = [w.batch_size for w in job.workers]
         # Weight gradients by batch size so the mean is the gradient of the global batch.
         weight = batches[ctx.worker] * job.M / sum(batches)
-        tokens_per_step = sum(job.tokens_per_step(m) for m in range(job.M))
         groups = buckets(job.param_shapes, self.cfg.bucket_mb) if self.cfg.bucket_mb > 0 else None
-        if ctx.worker == 0:
+        first, in_model = 0, 0
+        if ctx.rejoining:  # (cluster.on_crash = "drop") the peer's parameters and AdamW state
+            healed = yield ctx.heal()  # come with the heal; the step and token count here
+            if healed is None:
+                return
+            first, in_model = healed[1]["step"], healed[1]["tokens"]
+        elif ctx.worker == 0:
             ctx.publish(params, 0, 0)
-        for step in range(job.planned_steps):
+        for step in range(first, job.planned_steps):
             if groups is None:
                 grads = yield ctx.gradients()
                 if weight != 1.0:
@@ -79,8 +85,13 @@ class DDP(Algorithm):
                     for i, g in zip(bucket, (yield ctx.wait(handle))):
                         mean[i] = g
             yield ctx.apply(mean)
-            if ctx.worker == 0:
-                ctx.publish(params, (step + 1) * tokens_per_step, step + 1)
+            # With a worker dropped the mean is over those alive (weighted by the whole
+            # group's batches: exact for equal batches).
+            averaged = ctx.participants()
+            in_model += sum(job.tokens_per_step(m) for m in averaged)
+            ctx.share([], {"step": step + 1, "tokens": in_model})
+            if ctx.worker == min(averaged):
+                ctx.publish(params, in_model, step + 1)
 
 
 ALGORITHM = DDP

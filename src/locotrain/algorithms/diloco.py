@@ -9,6 +9,11 @@ outer_momentum=0 it is parameter averaging (FedAvg). Both are pinned by tests.
 H_w = H * v_w / max v steps per round (v = step rate), so that on unequal hardware every
 worker finishes its round at about the same time; the learning rate then follows the share
 of the token budget spent when a round starts.
+
+With cluster.on_crash = "drop" the group re-forms (runtime/api.py, `participants`): a round
+averages the outer gradients of the workers alive at its all-reduce, and a worker that
+restarts or joins heals from a live peer (theta, the outer momentum, the round) and trains
+from the next round on. The model counts the tokens of the workers that were averaged.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class DiLoCoSettings(CodecSettings):
 
 class DiLoCo(Algorithm):
     name = "diloco"
+    heals = True  # its group re-forms when workers crash, restart or join
 
     def __init__(self, cfg, job):
         super().__init__(cfg, job)
@@ -70,35 +76,47 @@ class DiLoCo(Algorithm):
         params = list(ctx.params.values())
         theta = [p.detach().clone() for p in params]
         outer = Nesterov(cfg.outer_lr, cfg.outer_momentum)
-        tokens_per_step = sum(job.tokens_per_step(m) for m in range(job.M))
-        if ctx.worker == 0:
-            ctx.publish(theta, 0, 0)
         if cfg.dylu:
             plan = self.speed_scaled_rounds()
-            rounds = [steps[ctx.worker] for steps in plan]
-            round_tokens = [sum(h * job.tokens_per_step(m) for m, h in enumerate(steps))
-                            for steps in plan]
         else:
-            rounds = self.rounds()
-        done = spent = 0
-        for r, h in enumerate(rounds):
+            plan = [[h] * job.M for h in self.rounds()]
+        round_tokens = [sum(h * job.tokens_per_step(m) for m, h in enumerate(steps))
+                        for steps in plan]
+        first, in_model = 0, 0  # the round to start with; tokens of the averaged workers
+        if ctx.rejoining:
+            healed = yield ctx.heal()
+            if healed is None:
+                return  # no live peer holds the model any more
+            tensors, meta = healed
+            first, in_model = meta["round"], meta["tokens"]
+            with torch.no_grad():
+                for t, v in zip(theta, tensors):
+                    t.copy_(v)
+            outer.buf = [v.clone() for v in tensors[len(theta):]] or None
+        elif ctx.worker == 0:
+            ctx.publish(theta, 0, 0)
+        for r in range(first, len(plan)):
+            h = plan[r][ctx.worker]
             if cfg.dylu:  # the LR follows the share of the budget spent, step by step
-                start, spent = spent, spent + round_tokens[r]
-                yield ctx.train(h, start / job.total_tokens, spent / job.total_tokens)
+                start = sum(round_tokens[:r])
+                yield ctx.train(h, start / job.total_tokens,
+                                (start + round_tokens[r]) / job.total_tokens)
             else:
                 yield ctx.train(h)
-            done += h
             with torch.no_grad():
                 delta = [t - p for t, p in zip(theta, params)]
             mean = yield ctx.all_reduce(delta, codec)
+            averaged = ctx.participants()
+            in_model += sum(plan[r][m] * job.tokens_per_step(m) for m in averaged)
             outer.step(theta, mean)
             with torch.no_grad():
                 for p, t in zip(params, theta):
                     p.copy_(t)
             if cfg.reset_inner_state_each_round:
                 ctx.reset_optimizer()
-            if ctx.worker == 0:
-                ctx.publish(theta, spent if cfg.dylu else done * tokens_per_step, r + 1)
+            ctx.share(theta + (outer.buf or []), {"round": r + 1, "tokens": in_model})
+            if ctx.worker == min(averaged):
+                ctx.publish(theta, in_model, r + 1)
 
 
 ALGORITHM = DiLoCo

@@ -13,6 +13,9 @@ yields a handful of blocking primitives and calls a few non-blocking ones:
     msg   = yield ctx.recv(src=None)          # next message (from anyone)
     msg   = yield ctx.recv(timeout=0.5)       # ... or None after 0.5 s
     yield ctx.server_step()                   # the modelled cost of one server update
+    ctx.share(tensors, meta)                  # the replicated state a rejoining worker heals from
+    tensors, meta = yield ctx.heal()          # ... which it fetches from a live peer
+    ctx.participants()                        # the workers the last all-reduce averaged
     ctx.now(); ctx.publish(params, tokens, updates); ctx.record_staleness(s)
 
 The simulated runtime (runtime/sim.py) runs every process on one machine with a virtual
@@ -76,7 +79,12 @@ class ServerStep:
     pass
 
 
-Op = Train | Gradients | Apply | Wait | Recv | ServerStep
+@dataclass
+class Heal:
+    pass
+
+
+Op = Train | Gradients | Apply | Wait | Recv | ServerStep | Heal
 
 
 @dataclass
@@ -111,6 +119,9 @@ class Context(ABC):
     name: str
     worker: int | None  # index of the worker this process drives, None for servers
     restarts: int = 0  # times this process was restarted after a crash (it starts from the top)
+    # True if this worker did not start with the others (it restarted after a crash, or it
+    # joins mid-run): a synchronous algorithm then heals it from a live peer (`heal`).
+    rejoining: bool = False
     # The worker's working parameters (workers only). They belong to this process alone:
     # no other process reads or writes them, which is what lets a runtime run a worker's
     # inner steps late, early or batched with other workers' (runtime/engine.py).
@@ -193,6 +204,29 @@ class Context(ABC):
     def server_step(self) -> ServerStep:
         return ServerStep()
 
+    # -- a synchronous group that re-forms (cluster.on_crash = "drop") -------------------
+    # torchft's model (github.com/pytorch/torchft, manager.py): each all-reduce averages the
+    # workers that are alive when it completes (a quorum), and a worker that restarts or
+    # joins copies the replicated state from a live peer before it takes part again.
+    @abstractmethod
+    def participants(self) -> tuple[int, ...]:
+        """The workers whose tensors this process's last completed all-reduce averaged:
+        every worker of its group unless some crashed (cluster.on_crash = "drop")."""
+
+    def share(self, tensors: Tensors, meta: dict) -> None:
+        """Offer this worker's replicated state, as it is now: `tensors` (kept by reference:
+        call again after they change in place, or are replaced) and small numbers `meta`.
+        A worker that heals copies them, with this worker's parameters and inner-optimizer
+        state. Call it where every replica holds the same state (right after an outer step);
+        runtimes whose groups never re-form ignore it."""
+
+    def heal(self) -> "Heal":
+        """Wait for the next `share` of a live peer and return a copy of its (tensors, meta);
+        this worker's parameters and inner-optimizer state become the peer's, and it takes
+        part in every all-reduce of the group from the peer's next one. Returns None when no
+        live peer is left to heal from (the run is over for this worker)."""
+        return Heal()
+
     # -- records -------------------------------------------------------------------
     @abstractmethod
     def publish(self, params: Tensors, tokens: int, updates: int) -> None:
@@ -227,6 +261,9 @@ class Algorithm(ABC):
     #: True if every worker runs the same number of steps in lock-step; the runtime then
     #: indexes the LR schedule by each worker's own step count.
     synchronous = True
+    #: True if its workers take part in a group that re-forms: a synchronous algorithm whose
+    #: workers call `share` and heal with `heal` (cluster.on_crash = "drop", joins).
+    heals = False
 
     def __init__(self, cfg, job: "Job"):
         self.cfg = cfg

@@ -42,8 +42,8 @@ from ..cluster import Cluster
 from ..codecs import Codec, flatten, unflatten
 from ..errors import UserError
 from . import collectives, snapshot
-from .api import (Algorithm, Apply, Context, Gradients, Handle, Job, Message, Recv, ServerStep,
-                  Train, Wait)
+from .api import (Algorithm, Apply, Context, Gradients, Handle, Heal, Job, Message, Recv,
+                  ServerStep, Train, Wait)
 from .engine import Engine, Row
 from .engine import Job as EngineJob
 from .network import Network
@@ -74,6 +74,11 @@ class _Proc:
     job: object = None  # the compute job it waits for, and when that span started and ends
     span_start: float = 0.0
     span_end: float = 0.0
+    # A synchronous group that re-forms (cluster.on_crash = "drop"; see "quorum" below):
+    member: bool = True  # all-reduces of its group wait for it (False: crashed, or healing)
+    shared: tuple | None = None  # (tensors, meta) last offered to a worker that heals
+    participants: tuple = ()  # the workers its last completed all-reduce averaged
+    uncommitted: float = 0.0  # tokens trained since its last completed all-reduce
 
     def span(self, kind: str, start: float, end: float) -> None:
         if end <= start:
@@ -91,6 +96,8 @@ class _SimContext(Context):
         self.worker = proc.worker.index if proc.worker else None
         self.params = proc.worker.params if proc.worker else {}
         self.restarts = proc.restarts
+        self.rejoining = bool(proc.restarts) or bool(
+            proc.worker and rt.job.workers[proc.worker.index].join_s > 0)
 
     def now(self) -> float:
         return self._rt.time
@@ -106,6 +113,12 @@ class _SimContext(Context):
 
     def form_groups(self, groups):
         self._rt._groups |= {tuple(sorted(g)) for g in groups}
+
+    def participants(self):
+        return self._proc.participants
+
+    def share(self, tensors, meta):
+        self._rt._share(self._proc, tensors, meta)
 
     def send(self, dst, tensors, codec, meta=None):
         return self._rt._send(self._proc, dst, tensors, codec, meta or {})
@@ -155,6 +168,12 @@ class SimRuntime:
             self.procs.append(proc)
         self.by_name = {p.name: p for p in self.procs}
         self.worker_procs = [p for p in self.procs if p.worker is not None]
+        self._proc_of = {p.worker.index: p for p in self.worker_procs}
+        for p in self.worker_procs:  # one that joins mid-run takes part once it has healed
+            p.member = job.workers[p.worker.index].join_s == 0
+        self._synchronous = algorithm.synchronous
+        self._healers: deque = deque()  # workers waiting in heal(), first come first served
+        self._heals: dict[int, tuple] = {}  # state transfers on the wire, by network tag
         self.workers_total = sum(self.copies.values())
         self.network = Network(cluster, {p.name: p.region for p in self.procs},
                                {p.name: p.worker.index for p in self.worker_procs},
@@ -165,7 +184,7 @@ class SimRuntime:
         self._groups = {tuple(sorted(g)) for g in algorithm.groups()}
         self._messages: dict[int, tuple] = {}
         self.inner_steps = 0
-        self.tokens = 0  # in finished compute jobs
+        self.tokens = 0  # in finished compute jobs (less what a crash threw away after)
         self.tokens_lost = 0.0  # computed, then thrown away by a crash
         self._peers: dict[str, set[str]] = {}  # who exchanged messages with whom
         self.staleness: list[int] = []
@@ -258,6 +277,7 @@ class SimRuntime:
                 self.inner_steps += job.steps * k
                 self.tokens += job.steps * job.tokens_per_step * k
                 self.recorder.on_train(job.steps * job.tokens_per_step * k, job.steps * k, job.loss)
+                proc.uncommitted += job.steps * job.tokens_per_step * k
                 value = job.result[0] if job.kind == "gradients" else job.result
                 if job in self._bucketed:  # the gradients went to their all-reduces
                     value = self._bucketed.pop(job)
@@ -266,6 +286,7 @@ class SimRuntime:
                 op = proc.gen.send(value)
             except StopIteration:
                 proc.done, proc.finished_at = True, self.time
+                self._release_healers()
                 return
             if isinstance(op, Train):
                 self._compute(proc, self.engine.submit(
@@ -284,6 +305,13 @@ class SimRuntime:
                 job = self.engine.submit(proc.worker, "apply", grads=op.grads, progress=op.progress)
                 proc.job = job
                 self._schedule(self.time, proc, _Finished(job))
+                return
+            if isinstance(op, Heal):
+                if not self._live_members():
+                    value = None  # nobody left to heal from: the run is over for this worker
+                    continue
+                self._healers.append(proc)
+                proc.waiting, proc.wait_start = op, self.time
                 return
             if isinstance(op, ServerStep):
                 end = self.time + self.cluster.cfg.server_compute_s
@@ -371,24 +399,37 @@ class SimRuntime:
         handle = handle or Handle("all_reduce")
         flat = _flatten(tensors)  # a copy: the payload is snapshotted when the call is made
         coll = self._collectives.setdefault(key, {"parts": {}, "handles": [], "like": tensors,
-                                                  "procs": []})
+                                                  "procs": [], "codec": codec})
         coll["parts"][proc.worker.index] = flat
         coll["handles"].append(handle)
         coll["procs"].append(proc)
-        if len(coll["parts"]) < len(members):
-            return handle
-        plan = collectives.plan(codec, sum(self.copies[m] for m in members), flat.numel())
-        coll["result"] = self._exchanged("coll", flat.numel(),
-                                         lambda: plan.reduce([coll["parts"][m] for m in members]))
+        self._complete_if_ready(key)
+        return handle
+
+    def _complete_if_ready(self, key) -> None:
+        """An all-reduce starts on the wire once every member of its group that is in the
+        quorum has joined: all of them, unless crashes dropped some (cluster.on_crash =
+        "drop"); then the mean is over those that joined (M = their number)."""
+        coll, (members, _) = self._collectives[key], key
+        if "joined" in coll or not coll["parts"]:
+            return
+        if any(m not in coll["parts"] and self._in_quorum(m) for m in members):
+            return
+        present = tuple(m for m in members if m in coll["parts"])
+        numel = coll["parts"][present[0]].numel()
+        plan = collectives.plan(coll["codec"], sum(self.copies[m] for m in present), numel)
+        coll["result"] = self._exchanged("coll", numel,
+                                         lambda: plan.reduce([coll["parts"][m] for m in present]))
         coll["joined"] = self.time
+        for p in coll["procs"]:  # their work up to here is in the mean
+            p.participants, p.uncommitted = present, 0.0
         self.peak_payload = max(self.peak_payload, plan.payload_bytes)
-        hosts = [self.job.worker_name(m) for m in members]
+        hosts = [self.job.worker_name(m) for m in present]
         if self.cluster.cfg.allreduce == "hierarchical":  # fp32 only (checked at build)
             self.network.all_reduce(self.time, hosts, plan.payload_bytes, ("coll", key),
                                     mode="hierarchical")
         else:
             self.network.ring(self.time, hosts, plan.bytes_per_rank, plan.hops, ("coll", key))
-        return handle
 
     def _members(self, group) -> tuple[int, ...]:
         if group is None:
@@ -447,6 +488,8 @@ class SimRuntime:
                 handle.result = _unflatten(coll["result"], coll["like"])
                 self._wake(handle, ready_at=coll["joined"])
             return
+        if kind == "heal":
+            return self._healed(key)
         msg, dst, handle = self._messages.pop(key)
         sender = self.by_name[msg.src]
         sender.span("comm", msg.sent_at, self.time)
@@ -482,6 +525,8 @@ class SimRuntime:
             proc.spans = [(k, a, min(b, self.time)) for k, a, b in proc.spans if a < self.time]
         proc.gen.close()
         proc.dead, proc.crashed_at, proc.finished_at = True, self.time, self.time
+        if proc.worker is not None and self._synchronous:
+            self._leave_quorum(proc)
         proc.done = restart_at is None
         proc.job, proc.waiting = None, None
         proc.mailbox.clear()
@@ -496,7 +541,8 @@ class SimRuntime:
         """A fresh process for the worker (its code from the top; `ctx.restarts` says it is
         not the first), a fresh inner optimizer, the same data stream. Not if no server is
         left to give it work: the run is over."""
-        if all(p.done for p in self.procs if p.worker is None):
+        servers = [p for p in self.procs if p.worker is None]
+        if all(p.done for p in servers) if servers else not self._live_members():
             proc.done = True
             self.recorder.log(f"[t={self.time:.2f}s {proc.name}] not restarted: the run is over")
             return False
@@ -505,6 +551,99 @@ class SimRuntime:
         self.engine.reset_optimizer(proc.worker)
         proc.gen = proc.run(_SimContext(self, proc))
         return True
+
+    # -- quorum: a synchronous group that re-forms (cluster.on_crash = "drop") ---------------
+    # torchft's model (github.com/pytorch/torchft, manager.py and its heal from a live peer):
+    # an all-reduce averages the members alive when it completes; a crashed worker's
+    # unsynchronised work is lost; one that restarts (or joins) waits for the next `share`
+    # of a live member, becomes a member at once (the group's next all-reduce waits for it),
+    # and resumes when the peer's state, parameters and inner-optimizer state have crossed
+    # the network to it.
+    def _in_quorum(self, worker: int) -> bool:
+        p = self._proc_of[worker]
+        return p.member and not p.dead
+
+    def _live_members(self) -> list[_Proc]:
+        return [p for p in self.worker_procs if p.member and not p.dead and not p.done]
+
+    def _leave_quorum(self, proc: _Proc) -> None:
+        """A member crashed: what it trained since its last all-reduce is lost, its part of
+        an all-reduce not yet on the wire is withdrawn, and all-reduces that waited only for
+        it go ahead without it. One already on the wire completes for the others."""
+        proc.member = False
+        self.tokens_lost += proc.uncommitted  # finished work, thrown away after all
+        self.tokens -= proc.uncommitted
+        proc.uncommitted = 0.0
+        for key, coll in list(self._collectives.items()):
+            keep = [i for i, p in enumerate(coll["procs"]) if p is not proc]
+            if "joined" in coll or len(keep) == len(coll["procs"]):
+                continue
+            coll["parts"].pop(proc.worker.index, None)
+            coll["handles"] = [coll["handles"][i] for i in keep]
+            coll["procs"] = [coll["procs"][i] for i in keep]
+        for h in (h for c in self._collectives.values() for h in c["handles"]):
+            if h.state.get("waiter") is proc:
+                h.state.pop("waiter")
+        for key in list(self._collectives):
+            self._complete_if_ready(key)
+        self._release_healers()
+
+    def _share(self, proc: _Proc, tensors, meta: dict) -> None:
+        proc.shared = (list(tensors), dict(meta))
+        while self._healers:
+            healer = self._healers.popleft()
+            if not (healer.dead or healer.done):
+                self._serve(proc, healer)
+
+    def _serve(self, source: _Proc, healer: _Proc) -> None:
+        """Send `healer` a copy of `source`'s state as it is now; from now on it is a member,
+        at the source's place in the group's sequence of all-reduces."""
+        tensors, meta = source.shared
+        payload = [t.clone() for t in tensors]
+        row = None
+        numel = sum(t.numel() for t in tensors)
+        if not self.phantom:  # its parameters, moments and step counters (not its data streams)
+            state, counters = self.engine.state([source.worker])
+            row = ({k: v.clone() for k, v in state.items() if not k.endswith("_stream")},
+                   {"rows": [dict(c) for c in counters["rows"]]})
+            numel += sum(v.numel() for v in row[0].values())
+        else:  # parameters and two moments (AdamW)
+            numel += 3 * sum(math.prod(s) for s in self.job.param_shapes)
+        healer.member = True
+        healer.collectives = dict(source.collectives)
+        healer.participants = source.participants
+        self._seq += 1
+        self._heals[self._seq] = (healer, healer.restarts, source, payload, dict(meta), row,
+                                  self.time)
+        self.recorder.log(f"[t={self.time:.2f}s {healer.name}] heals from {source.name} "
+                          f"({4 * numel:,} bytes)")
+        self.network.send(self.time, source.name, healer.name, 4 * numel + HEADER_BYTES,
+                          ("heal", self._seq))
+
+    def _healed(self, key: int) -> None:
+        healer, incarnation, source, payload, meta, row, sent_at = self._heals.pop(key)
+        if healer.dead or healer.restarts != incarnation:
+            return  # it crashed again meanwhile
+        if source.crashed_at >= sent_at:  # the source died mid-transfer: heal again
+            healer.member = False
+            self._healers.append(healer)
+            for k in list(self._collectives):
+                self._complete_if_ready(k)
+            self._release_healers()
+            return
+        if row is not None:
+            own, _ = self.engine.state([healer.worker])
+            tensors = dict(row[0], **{k: v for k, v in own.items() if k.endswith("_stream")})
+            self.engine.load_state([healer.worker], tensors, row[1])
+        self._resume(healer, (payload, meta), ready_at=sent_at)
+
+    def _release_healers(self) -> None:
+        """With no live member left, nobody can heal the waiting workers: they end."""
+        if self._healers and not self._live_members():
+            while self._healers:
+                healer = self._healers.popleft()
+                if healer.waiting is not None and not healer.dead:
+                    self._resume(healer, None, ready_at=self.time)
 
     def _wake(self, handle: Handle, ready_at: float) -> None:
         proc = handle.state.pop("waiter", None)
@@ -544,7 +683,7 @@ class SimRuntime:
     def roots(self) -> list:
         """Where the state of a paused run lives (runtime/snapshot.py walks it)."""
         return [[(p.gen, p.mailbox, p.waiting) for p in self.procs], self._heap,
-                self._collectives, self._messages, self._replicas,
+                self._collectives, self._messages, self._replicas, self._heals,
                 self.recorder.last[0] if self.recorder.last else None]
 
     def unconsumed_jobs(self) -> list:

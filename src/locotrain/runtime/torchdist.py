@@ -89,7 +89,13 @@ class _Context(Context):
         self._rt.engine.reset_optimizer(self._rt.row)
 
     def start_all_reduce(self, tensors, codec, group=None):
+        self._members = tuple(range(self._rt.job.M)) if group is None else tuple(sorted(group))
         return self._rt.start_all_reduce(tensors, codec, group)
+
+    def participants(self):
+        # A real group never re-forms (a dead rank stops a synchronous run, docs/runtime.md):
+        # the last all-reduce averaged its whole group. (share/heal are never needed.)
+        return getattr(self, "_members", tuple(range(self._rt.job.M)))
 
     def form_groups(self, groups):
         rt = self._rt
