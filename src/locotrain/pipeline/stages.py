@@ -93,26 +93,31 @@ class Ops:
 
 
 @torch.no_grad()
-def weight_grads(entries: list[tuple], shapes: dict[str, tuple], concat: bool = False
-                 ) -> dict[str, torch.Tensor]:
+def weight_grads(entries: list[tuple], shapes: dict[str, tuple], concat: bool = False,
+                 into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """2BP's p2: dL/dW from the kept (input, output gradient) pairs of one or more
     micro-batches. `concat` joins the pairs of each weight into one matmul (the paper's
-    concatenation of micro-batches for p2), otherwise one matmul per micro-batch and weight."""
+    concatenation of micro-batches for p2), otherwise one matmul per micro-batch and weight.
+    `into` accumulates in place into the gradients already there (and adds the missing ones),
+    which saves a fresh buffer and an addition per weight and call (the multi-process runner
+    calls p2 once per micro-batch)."""
     by_name: dict[str, list[tuple]] = {}
     for name, x, gy in entries:
         by_name.setdefault(name, []).append((x, gy))
-    out = {}
+    out = {} if into is None else into
     for name, pairs in by_name.items():
         if concat and len(pairs) > 1:
             pairs = [(torch.cat([x.reshape(-1) if x.dtype == torch.long else x for x, _ in pairs]),
                       torch.cat([gy.reshape(-1, gy.shape[-1]) for _, gy in pairs]))]
-        g = torch.zeros(shapes[name], dtype=pairs[0][1].dtype)
+        g = out.get(name)
+        if g is None:
+            gy0 = pairs[0][1]
+            g = out[name] = torch.zeros(shapes[name], dtype=gy0.dtype, device=gy0.device)
         for x, gy in pairs:
             if x.dtype == torch.long:  # embedding: scatter the rows' gradients
                 g.index_add_(0, x.reshape(-1), gy.reshape(-1, gy.shape[-1]))
             else:
-                g += gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-        out[name] = g
+                g.addmm_(gy.reshape(-1, gy.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
     return out
 
 

@@ -137,13 +137,17 @@ class _Device:
 
 
 def simulate(pipe: Pipeline, schedule: str = "gpipe", *, twobp: bool = False, p2: str = "end",
-             concat: bool = False, op_overhead_s: float = 0.0) -> Timeline:
-    """Run the time model for one training step."""
+             concat: bool = False, op_overhead_s: float = 0.0,
+             orders: list[list[Op]] | None = None) -> Timeline:
+    """Run the time model for one training step. `orders`, one list of operations per stage
+    (the same for every replica), replaces the schedule's order and its p2 policy: the model
+    then times an order given from outside, e.g. the one a real run executed."""
     if p2 not in P2_POLICIES:
         raise ValueError(f"unknown p2 policy '{p2}'; known: {', '.join(P2_POLICIES)}")
     R, S, m = pipe.R, pipe.S, pipe.m
-    fill = twobp and p2 == "fill"
-    devs = {(r, s): _Device(stage_order(schedule, S, m, s, twobp, concat and not fill))
+    fill = twobp and p2 == "fill" and orders is None
+    devs = {(r, s): _Device(list(orders[s]) if orders is not None else
+                            stage_order(schedule, S, m, s, twobp, concat and not fill))
             for r in range(R) for s in range(S)}
     arrived: dict[tuple, float] = {}  # (r, s, kind "F"/"B", mb) -> when its input is there
     link_free: dict[tuple, float] = {}  # (r, src, dst) -> when that direction drains
