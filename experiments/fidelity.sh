@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Claims 1-3 of docs/experiments.md's fidelity table, on a corpus that does not overfit
-# (`loco corpus build pydocs`), long enough for hundreds of outer rounds, with the outer
+# The claims of docs/experiments.md's fidelity table, on a corpus that does not overfit
+# (`loco corpus build linuxdocs`), long enough for hundreds of outer rounds, with the outer
 # optimizer swept instead of fixed at the papers' defaults. Every sweep is one `loco sweep`
-# process (its simulations run batched together); all of a part run side by side on one GPU.
+# process (its simulations run batched together); all sweeps of the parts asked for run side
+# by side on one GPU, and the script returns when every one has finished.
 #
 #   experiments/fidelity.sh OUTDIR CORPUS PART[,PART...] [extra --set arguments...]
 #
@@ -20,16 +21,56 @@
 #               against DiLoCo at the same H; the eager-updates ladder (DiLoCo, a one-step
 #               overlap = Streaming with one fragment and tau = 1, eager, naive delayed) at
 #               H = 15 and 60, outer momentum 0 and 0.5.
-# Tables: python experiments/fidelity_tables.py OUTDIR
+# PART async-tuned  claim 4 with the server's outer optimizer tuned, M = 4 x 16, inner lr 4e-3,
+#               H = 10, on equal speeds and with two of the four workers at half speed (DyLU:
+#               they run 5 steps per task): delayed Nesterov, outer lr 0.7 / 1.0 / 1.4 x
+#               momentum 0 / 0.5 (seed 0; N = 4, so each arrival moves lr/4 of its delta);
+#               seeds 1 and 2 of (1.0, 0), the cell picked before running (claim 1's best
+#               DiLoCo outer setting); naive per-arrival Nesterov at lr 0.25 = 1.0/4, momentum
+#               0.5 (the same step size as delayed (1.0, 0.5); at momentum 0 the two are the
+#               same rule); synchronous DiLoCo + DyLU with the half-speed workers, seeds 0-2.
+#               The tuned DiLoCo reference (outer 1.0, 0) is PART seeds' seeds_diloco_M4
+#               (DiLoCo without DyLU computes the same model at either speed).
+# PART halos    claim 5 on HALoS's cluster (cluster preset halos-4x4: 16 workers in 4 regions,
+#               speeds 0.118-1, 0.117-0.935 Gbit/s between regions), 16 x 8 sequences,
+#               inner lr 4e-3, the same 32.8M tokens, 0.05 s per step at speed 1 (the model's
+#               12.8 MB cross the slowest link in 0.9 s), 20 evaluations; seeds 0 and 1 of
+#               every cell: HALoS (H = 8 with DyLU, K = 8) with local momentum 0 / 0.9 x
+#               global lr 0.3 / 0.6 (local lr 3.2 over N = 16, global momentum 0.5, weight
+#               0.25, as HALoS's example); Async Local-SGD (delayed Nesterov + DyLU, H = 10,
+#               N = 16) at outer lr 1.0, momentum 0 / 0.5; DiLoCo (H = 10, outer 1.0, 0) with
+#               and without DyLU, its all-reduce timed hierarchically (within each region,
+#               then a ring of the 4 region leaders: the faster schedule on this cluster).
+# PART diffusion  claim 6, one worker, batch 64 x 256, lr 4e-3: the AR model (seeds 0-2);
+#               masked diffusion (MDLM bound, 8 mask draws per window in evaluation) at lr
+#               2e-3 / 4e-3 (seeds 0, 1); masked diffusion + Loopholing at the same tokens and
+#               at the same training FLOPs (3/4 of the tokens: its no-gradient first pass
+#               costs a third of a training pass), seeds 0, 1. AR and diffusion share the
+#               backbone, so equal tokens is equal FLOPs for them; Loopholing's runs get 4/3 of
+#               the step time, so simulated time counts training FLOPs in every run.
+# Tables and figures: python experiments/fidelity_tables.py OUTDIR [--img docs/img]
 set -uo pipefail
 out=$1; corpus=$2; part=$3; shift 3; mkdir -p "$out"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+# A dozen sweeps side by side: each compiles its few optimizer kernels in its own process,
+# without a pool of compile workers per process (a pool each would hold ~16 processes).
+export TORCHINDUCTOR_COMPILE_THREADS=1
 # 4 x 256 char GPT (3.2M parameters), context 256; 2000 steps of 64 x 256 tokens = 32.8M
-# tokens (about 1.5 passes over the corpus's training split); H = 10: 200 outer rounds.
+# tokens (about 1.2 passes over the corpus's training split); H = 10: 200 outer rounds.
 common=(--set data.path="$corpus" --set model.depth=4 --set model.width=256 --set model.heads=4
         --set model.seq_len=256 --set train.tokens=32768000 --set train.lr=2e-3
         --set train.compile=true --set eval.windows=200 --set eval.every=3276800
         --set sample.chars=20 --set cluster.preset=two-datacenters --set cluster.step_time_s=0.05 "$@")
+
+# The token budget, as the extra arguments may set it (a short smoke run): the parts that
+# derive settings from it (Loopholing's equal-FLOPs run, claim 5's evaluation interval) follow.
+tokens=32768000
+for a in "$@"; do [[ $a == train.tokens=* ]] && tokens=${a#train.tokens=}; done
+# Two workers in dc0 at full speed and two in dc1 at half speed; 1 Gbit/s, 30 ms between.
+hetero=(--set cluster.preset=custom --set "cluster.regions=['dc0', 'dc1']"
+        --set "cluster.latency_s=[[0.0001, 0.03], [0.03, 0.0001]]"
+        --set "cluster.bandwidth_gbps=[[100.0, 1.0], [1.0, 100.0]]"
+        --set "cluster.workers=[{region='dc0', count=2}, {region='dc1', count=2, speed=0.5}]")
 
 sweep() {  # name, then loco sweep arguments
   local name=$1; shift
@@ -37,6 +78,12 @@ sweep() {  # name, then loco sweep arguments
       > "$out/$name.log" 2>&1 &
 }
 
+for p in ${part//,/ }; do  # every part's name checked before anything starts
+  case $p in scaling|scaling-lr|seeds|async|overlap|async-tuned|halos|diffusion) ;;
+  *) echo "PART is scaling, scaling-lr, seeds, async, overlap, async-tuned, halos or diffusion" \
+          "(or several, comma-separated), got '$p'" >&2; exit 2 ;;
+  esac
+done
 for part in ${part//,/ }; do
 case $part in
 scaling)
@@ -69,10 +116,6 @@ seeds)  # the spread: the key cells again with seeds 0, 1, 2 (seed 0 repeats the
 async)  # claim 4, M = 4 x 16, inner lr 4e-3: DiLoCo (outer 1.0, 0, claim 1's best) against
   # Async Local-SGD with delayed Nesterov + DyLU (its defaults) and the naive asynchronous
   # Nesterov, on equal speeds and with two of the four workers at half speed
-  hetero=(--set cluster.preset=custom --set "cluster.regions=['dc0', 'dc1']"
-          --set "cluster.latency_s=[[0.0001, 0.03], [0.03, 0.0001]]"
-          --set "cluster.bandwidth_gbps=[[100.0, 1.0], [1.0, 100.0]]"
-          --set "cluster.workers=[{region='dc0', count=2}, {region='dc1', count=2, speed=0.5}]")
   for speeds in equal half; do
     extra=(); [[ $speeds == half ]] && extra=("${hetero[@]}")
     sweep async_diloco_$speeds --set algorithm.name=diloco --set algorithm.H=10 \
@@ -101,7 +144,39 @@ overlap)
       --grid algorithm.H=15,60 --grid algorithm.outer_momentum=0,0.5
   sweep ladder_ddp --set algorithm.name=ddp --set cluster.size=2 --set train.batch_size=32 \
       --grid train.seed=0 ;;
-*) echo "PART is scaling, scaling-lr, seeds, async or overlap (or several, comma-separated)" >&2; exit 2 ;;
+async-tuned)  # claim 4 with the server's outer lr and momentum swept (see the header)
+  for speeds in equal half; do
+    extra=(); [[ $speeds == half ]] && extra=("${hetero[@]}")
+    base=(--set algorithm.name=async_local_sgd --set algorithm.H=10 --set cluster.size=4
+          --set train.batch_size=16 --set train.lr=4e-3 "${extra[@]}")
+    sweep c4_dn_$speeds "${base[@]}" \
+        --grid algorithm.outer_lr=0.7,1.0,1.4 --grid algorithm.outer_momentum=0,0.5
+    sweep c4_seeds_$speeds "${base[@]}" --set algorithm.outer_lr=1.0 \
+        --set algorithm.outer_momentum=0 --set train.seed=1 --seeds 2
+    sweep c4_naive_$speeds "${base[@]}" --set algorithm.server_optimizer=nesterov \
+        --set algorithm.outer_lr=0.25 --grid algorithm.outer_momentum=0.5
+  done
+  sweep c4_dylu_half --set algorithm.name=diloco --set algorithm.H=10 --set algorithm.dylu=true \
+      --set cluster.size=4 --set train.batch_size=16 --set train.lr=4e-3 \
+      --set algorithm.outer_lr=1.0 --set algorithm.outer_momentum=0 "${hetero[@]}" --seeds 3 ;;
+halos)  # claim 5 on HALoS's 4 x 4 cluster, every cell with seeds 0 and 1 (see the header)
+  h=(--set cluster.preset=halos-4x4 --set cluster.size=16 --set train.batch_size=8
+     --set train.lr=4e-3 --set eval.every=$((tokens / 20)))
+  sweep c5_halos "${h[@]}" --set algorithm.name=halos --set algorithm.H=8 --set algorithm.K=8 \
+      --grid algorithm.local_momentum=0,0.9 --grid algorithm.global_lr=0.3,0.6 --seeds 2
+  sweep c5_async "${h[@]}" --set algorithm.name=async_local_sgd --set algorithm.H=10 \
+      --set algorithm.outer_lr=1.0 --grid algorithm.outer_momentum=0,0.5 --seeds 2
+  sweep c5_diloco "${h[@]}" --set algorithm.name=diloco --set algorithm.H=10 \
+      --set algorithm.outer_lr=1.0 --set algorithm.outer_momentum=0 \
+      --set cluster.allreduce=hierarchical --grid algorithm.dylu=false,true --seeds 2 ;;
+diffusion)  # claim 6: AR against masked diffusion, with and without Loopholing (see the header)
+  d=(--set algorithm.name=ddp --set cluster.preset=single --set cluster.size=1
+     --set train.batch_size=64 --set train.lr=4e-3 --set eval.samples=8 --set eval.batch_size=512)
+  sweep c6_ar "${d[@]}" --seeds 3
+  sweep c6_mdlm "${d[@]}" --set workload.name=masked_diffusion --grid train.lr=2e-3,4e-3 --seeds 2
+  # 0.05 s x 4/3 per step: the simulated time of every run of the part is its training FLOPs
+  sweep c6_loop "${d[@]}" --set workload.name=masked_diffusion --set workload.loopholing=true \
+      --set cluster.step_time_s=0.0666667 --grid train.tokens=$tokens,$((tokens * 3 / 4)) --seeds 2 ;;
 esac
 done
 wait
