@@ -72,10 +72,10 @@ hetero=(--set cluster.preset=custom --set "cluster.regions=['dc0', 'dc1']"
         --set "cluster.bandwidth_gbps=[[100.0, 1.0], [1.0, 100.0]]"
         --set "cluster.workers=[{region='dc0', count=2}, {region='dc1', count=2, speed=0.5}]")
 
-sweep() {  # name, then loco sweep arguments
+sweep() {  # name, then loco sweep arguments; the log ends with when the sweep finished
   local name=$1; shift
-  python -m locotrain sweep quickstart --quiet --force --out "$out/$name" "${common[@]}" "$@" \
-      > "$out/$name.log" 2>&1 &
+  ( python -m locotrain sweep quickstart --quiet --force --out "$out/$name" "${common[@]}" "$@"
+    echo "exit code $?, finished ${SECONDS} s after the script started" ) > "$out/$name.log" 2>&1 &
 }
 
 for p in ${part//,/ }; do  # every part's name checked before anything starts

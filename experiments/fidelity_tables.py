@@ -503,6 +503,8 @@ def main() -> None:
     if any(r["sweep"].startswith(("streaming", "ladder")) for r in all_runs):
         print("## Claims 2 and 3\n\n" + overlap(all_runs))
     img = Path(args.img) if args.img else None
+    if img is not None:
+        img.mkdir(parents=True, exist_ok=True)
     if any(r["sweep"].startswith("c4_") for r in all_runs):
         print("## Claim 4, the server's outer optimizer tuned\n\n" + claim4(all_runs, img))
     if any(r["sweep"].startswith("c5_") for r in all_runs):
