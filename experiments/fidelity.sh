@@ -52,7 +52,7 @@
 set -uo pipefail
 out=$1; corpus=$2; part=$3; shift 3; mkdir -p "$out"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
-# A dozen sweeps side by side: each compiles its few optimizer kernels in its own process,
+# A dozen sweeps side by side: each compiles its training step and optimizer in its own process,
 # without a pool of compile workers per process (a pool each would hold ~16 processes).
 export TORCHINDUCTOR_COMPILE_THREADS=1
 # 4 x 256 char GPT (3.2M parameters), context 256; 2000 steps of 64 x 256 tokens = 32.8M
