@@ -58,3 +58,14 @@ def test_shards_iid_partition_blocks_and_contiguous_are_disjoint_ranges():
     for m, s in enumerate(contiguous):
         batch = s.batch(64, 65, g)
         assert batch.min() >= m * 25_000 and batch.max() < (m + 1) * 25_000
+
+
+def test_the_corpus_ids_are_the_tokenizers(tmp_path):
+    """load_corpus encodes with tensor operations; it must agree with CharTokenizer.encode,
+    characters outside the Basic Multilingual Plane included."""
+    path = tmp_path / "mixed.txt"
+    path.write_text("Zebra apple \u00e9t\u00e9 \U0001f600 zoo\n" * 50, encoding="utf-8")
+    corpus = load_corpus(str(path), 0.5)
+    text = read_text(str(path))[1]
+    expected = torch.tensor(corpus.tokenizer.encode(text))
+    assert torch.equal(torch.cat([corpus.train, corpus.val]), expected)

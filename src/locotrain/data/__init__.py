@@ -96,7 +96,7 @@ def load_corpus(path: str, train_fraction: float, min_val_len: int = 2) -> Corpu
     # strict UTF-8 decoding is lossless, so this is the file's own SHA-256 (`sha256sum FILE`)
     sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
     tokenizer = CharTokenizer("".join(sorted(set(text))))
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    ids = _encode_all(text, tokenizer.chars)
     n_train = int(train_fraction * len(ids))
     train, val = ids[:n_train], ids[n_train:]
     if len(val) < min_val_len or len(train) < min_val_len:
@@ -104,6 +104,15 @@ def load_corpus(path: str, train_fraction: float, min_val_len: int = 2) -> Corpu
                         f"and one validation window of {min_val_len} characters; "
                         "use a longer text or a shorter model.seq_len")
     return Corpus(name, tokenizer, train, val, sha256, len(text))
+
+
+def _encode_all(text: str, chars: str) -> torch.Tensor:
+    """CharTokenizer.encode for a text whose vocabulary is `chars` (sorted, complete), in
+    tensor operations: the code points, looked up in the sorted vocabulary. A Python list of
+    29M ids took 3.3 s to build; this takes a fraction of that."""
+    codes = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
+    vocab = torch.tensor([ord(c) for c in chars], dtype=torch.int32)
+    return torch.searchsorted(vocab, codes).long()
 
 
 def val_windows(val: torch.Tensor, length: int, limit: int = 0) -> torch.Tensor:
