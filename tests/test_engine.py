@@ -4,8 +4,11 @@ optimizers against torch's."""
 import pytest
 import torch
 
+from locotrain.errors import UserError
 from locotrain.optim import Lion, adamw_stacked, clip_stacked, lion_stacked
-from locotrain.run import simulate
+from locotrain.run import Simulation, simulate
+from locotrain.runtime.engine import Engine
+from locotrain.workloads import Workload
 
 from conftest import tiny_config
 
@@ -120,3 +123,56 @@ def test_stacked_clipping_is_clip_grad_norm_per_worker():
     for w in range(W):
         for g, e in zip(grads, expected[w]):
             torch.testing.assert_close(g[w], e, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch._dynamo's import
+def test_cuda_graphs_recompile_for_replay_and_change_no_result(monkeypatch):
+    """What runtime.cuda_graphs = "on" does to the batched engine, checked on the CPU with
+    torch.compile stubbed out (graphs themselves need a GPU: benchmarks/cuda_graphs.py):
+    the optimizer and the workload's forward are compiled in "reduce-overhead" mode, the
+    banks' stacked tensors are marked static, and DDP (gradients jobs) ends with the same
+    model as without graphs."""
+    modes, static = [], []
+    monkeypatch.setattr(torch, "compile",
+                        lambda f, mode=None: modes.append((f.__name__, mode)) or f)
+    monkeypatch.setattr(torch._dynamo, "mark_static_address", static.append)
+    monkeypatch.setattr(Workload, "cuda_graphs",
+                        property(lambda self: self.cfg.runtime.cuda_graphs == "on"))
+    runs = {}
+    for graphs in ("off", "on"):
+        cfg = tiny_config(*CASES["ddp"], f"runtime.cuda_graphs={graphs}", "train.compile=true")
+        engine = Engine("batched")
+        engine.compile()
+        sim = Simulation(cfg, engine)
+        engine.start()
+        sim.start()
+        sim.run()
+        runs[graphs] = sim.finish()
+        assert engine.graphs == (graphs == "on")
+    assert {("forward", "reduce-overhead"), ("adamw_stacked", "reduce-overhead")} <= set(modes)
+    # never the reference engine, nor an engine that does not compile
+    for engine, compiled in ((Engine("sequential"), True), (Engine("batched"), False)):
+        if compiled:
+            engine.compile()
+        Simulation(cfg, engine)
+        engine.start()
+        assert not engine.graphs
+    assert len(static) == 3 * len(runs["on"].params)  # parameters and both AdamW moments
+    for k in runs["off"].params:
+        assert torch.equal(runs["on"].params[k], runs["off"].params[k]), k
+
+
+def test_cuda_graphs_change_nothing_on_a_cpu():
+    on = simulate(tiny_config(*CASES["diloco"], "runtime.cuda_graphs=on", "train.compile=true"))
+    assert not on.runtime.engine.graphs
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("runtime.cuda_graphs=yes", "runtime.cuda_graphs = 'yes' is not one of: auto, on, off"),
+    ("runtime.eval_batch=-1", "runtime.eval_batch must be >= 0"),
+])
+def test_runtime_settings_are_checked(setting, message):
+    with pytest.raises(UserError, match=message):
+        tiny_config(setting)
+    with pytest.raises(UserError, match="set train.compile = true too"):
+        tiny_config("runtime.cuda_graphs=on", "train.compile=false")

@@ -245,6 +245,14 @@ class RuntimeConfig:
     # same time in one stacked computation; "sequential" one worker at a time (the
     # reference). "auto" = batched (docs/benchmarks.md measures both, on CPU and GPU).
     engine: str = choice("auto", "auto", "batched", "sequential")
+    # The batched engine's steps as CUDA graphs (torch.compile's "reduce-overhead"), with
+    # train.compile on a CUDA device; elsewhere it changes nothing. "auto" = off until
+    # docs/benchmarks.md measures whether graphs pay (benchmarks/cuda_graphs.py).
+    cuda_graphs: str = choice("auto", "auto", "on", "off")
+    # `loco sweep` evaluates the global models of its points together, up to this many in one
+    # stacked computation (metrics.EvalQueue); 1 = each when it is due, one at a time. 0 =
+    # auto: 8 on a GPU, 1 on a CPU (where stacking measured slower, docs/simulation.md).
+    eval_batch: int = 0
     timeout_s: float = 120.0  # a collective or handshake that takes longer is an error
     server_device: str = choice("cpu", "cpu", "auto")  # where parameter servers keep theta
     host: str = ""  # this process's address for messages; "" = the route to MASTER_ADDR
@@ -304,11 +312,17 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"{key} must be positive, got {value}")
+    if cfg.runtime.eval_batch < 0:
+        raise UserError(f"runtime.eval_batch must be >= 0 (0 = auto), got "
+                        f"{cfg.runtime.eval_batch}")
     if m.width % m.heads or (m.width // m.heads) % 2:
         raise UserError(
             f"model.width ({m.width}) must split into model.heads ({m.heads}) heads of even size; "
             "pick a width that is a multiple of 2*heads"
         )
+    if cfg.runtime.cuda_graphs == "on" and not t.compile:
+        raise UserError("runtime.cuda_graphs = on replays torch.compile's graphs; set "
+                        "train.compile = true too, or leave cuda_graphs at auto")
     if not 0.0 < cfg.data.train_fraction < 1.0:
         raise UserError(f"data.train_fraction must be in (0, 1), got {cfg.data.train_fraction}")
     if not 0.0 <= m.dropout < 1.0:

@@ -5,7 +5,10 @@ Each point is an ordinary simulated run with its own folder. The simulations tak
 each runs its event loop until a worker needs a compute result it does not have yet, and
 then the engine runs every pending job of every simulation together (runtime/engine.py).
 Workers of different points batch together whenever their models have the same shapes and
-inner optimizer; learning rates, schedules and weight decay may differ per point.
+inner optimizer; learning rates, schedules and weight decay may differ per point. So do the
+evaluations: each point's global model is copied when an evaluation falls due, and up to
+runtime.eval_batch of them are evaluated in one stacked computation (metrics.EvalQueue); a
+point's folder is written once its final evaluation has run.
 
 With several GPUs on one host, the points are dealt out round-robin to one process per GPU,
 each pooling its share; the parent writes the table once all are done.
@@ -95,12 +98,17 @@ def run_points(points, out: Path, force: bool, quiet: bool) -> None:
     """Run these points in this process, pooled into one engine."""
     from tqdm import tqdm
 
+    from .metrics import EvalQueue
     from .run import Simulation, engine_for, set_threads
 
     set_threads(points[0][2])
     engine = engine_for(points[0][2])
     sims = [Simulation(cfg, engine, out / _folder(label), force=force, quiet=True, label=label)
             for label, _, cfg in points]
+    queue = EvalQueue(eval_batch(points[0][2], sims[0].setup.workload.device))
+    if queue.cap > 1:  # else each evaluation runs alone when it falls due (the reference)
+        for sim in sims:
+            sim.recorder.defer_to(queue)
     engine.start()
     for sim in sims:
         sim.start()
@@ -108,20 +116,42 @@ def run_points(points, out: Path, force: bool, quiet: bool) -> None:
     total = sum(cfg.train.tokens for _, _, cfg in points)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"sweep of {len(sims)}",
                disable=quiet, dynamic_ncols=True)
+    ending = []  # simulations whose loops are over, waiting for their final evaluation
     while loops:
         jobs = []
         for i, loop in list(loops.items()):
             job = next(loop, None)
             if job is None:
                 del loops[i]
-                sims[i].finish()
+                sims[i].recorder.queue_final()
+                ending.append(sims[i])
             else:
                 jobs.append(job)
         for job in jobs:
             engine.complete(job)  # each runs together with every other pending job
+        ending = _finish_evaluated(ending)
         bar.n = min(total, sum(sim.runtime.tokens for sim in sims))
         bar.refresh()
+    queue.flush()  # the final evaluations still queued, together
+    _finish_evaluated(ending)
     bar.close()
+
+
+def eval_batch(cfg: Config, device) -> int:
+    """How many models to evaluate in one stacked computation: runtime.eval_batch, or by
+    default 8 on a GPU and one at a time on a CPU, where stacked evaluation is slower (its
+    larger activations fall out of the caches; docs/simulation.md)."""
+    if cfg.runtime.eval_batch:
+        return cfg.runtime.eval_batch
+    return 8 if device.type == "cuda" else 1
+
+
+def _finish_evaluated(ending: list) -> list:
+    """Write the folders of the simulations whose final evaluation has run; the others."""
+    for sim in ending:
+        if sim.recorder.final_done:
+            sim.finish()
+    return [sim for sim in ending if not sim.recorder.final_done]
 
 
 def sweep(source: str, grids: list[str], seeds: int, sets: list[str], out: Path, force: bool,

@@ -89,12 +89,21 @@ class Workload(ABC):
         self.amp = self.device.type == "cuda"
         self._train_forward = forward
 
-    def compile(self) -> None:
+    def compile(self, mode: str | None = None) -> None:
         """torch.compile the training forward pass (eval and sampling, whose shapes vary,
         stay eager). The number of workers stepped together varies in asynchronous runs:
         torch.compile's default makes that dimension dynamic at its second value instead of
-        compiling once per width."""
-        self._train_forward = torch.compile(forward)
+        compiling once per width. `mode="reduce-overhead"` adds CUDA graphs (the batched
+        engine asks for it when runtime.cuda_graphs is on)."""
+        self._train_forward = torch.compile(forward, mode=mode)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the batched engine should replay this model's steps as CUDA graphs:
+        runtime.cuda_graphs = "on" with train.compile on a CUDA device. "auto" is off until
+        docs/benchmarks.md measures that graphs pay."""
+        return (self.cfg.runtime.cuda_graphs == "on" and self.cfg.train.compile
+                and self.device.type == "cuda")
 
     # -- parameters ---------------------------------------------------------------
     def init_params(self, seed: int) -> Params:
@@ -128,10 +137,31 @@ class Workload(ABC):
         """Training losses of W models, (W,): stacked `params`, batches (W, B, seq_len + 1),
         and each model's own random stream (for masks; unused by the AR model)."""
 
-    @abstractmethod
+    @torch.no_grad()
     def evaluate(self, params: Params, limit: int = 0, progress=None) -> EvalResult:
         """Validation loss on the fixed windows (`limit` > 0: an evenly spaced subset);
-        `progress(windows_done, windows_total)` is called as it goes."""
+        `progress(windows_done, windows_total)` is called as it goes. One model: the
+        reference that `evaluate_many` is tested against (tests/test_batched_eval.py)."""
+        return self.evaluate_stacked(self.stack(params), limit, progress)[0]
+
+    @torch.no_grad()
+    def evaluate_many(self, models: list[Params], limit: int = 0) -> list[EvalResult]:
+        """`evaluate` of several models of this shape in one stacked computation: every
+        window chunk runs through all of them at once (the backbone's worker dimension), so
+        each model sees the same windows, chunks and masks as when evaluated alone."""
+        stacked = {n: torch.stack([m[n] for m in models]) for n in models[0]}
+        return self.evaluate_stacked(stacked, limit)
+
+    @abstractmethod
+    def evaluate_stacked(self, params: Params, limit: int = 0, progress=None) -> list[EvalResult]:
+        """`evaluate` of M models whose parameters lead with a model dimension M."""
+
+    def eval_key(self, limit: int) -> tuple:
+        """Models whose keys are equal can be evaluated together by either one's workload:
+        the same task, shapes, device, validation windows and evaluation settings."""
+        e = self.cfg.eval
+        return (type(self), self.spec, str(self.device), self.amp, self.corpus.sha256,
+                len(self.corpus.val), self.score_from, e.batch_size, e.samples, limit)
 
     @abstractmethod
     def sample(self, params: Params, prompt: str, chars: int, generator: torch.Generator) -> SampleResult:
@@ -152,22 +182,23 @@ class ARGPT(Workload):
         return nll.view(len(batch), -1).mean(1)
 
     @torch.no_grad()
-    def evaluate(self, params, limit=0, progress=None):
+    def evaluate_stacked(self, params, limit=0, progress=None):
         windows = self.val_windows(limit)
-        params = self.stack(params)
-        total, count = 0.0, 0
+        M = _models(params)
+        totals, count = [0.0] * M, 0
         done = 0
         for chunk in windows.split(self.cfg.eval.batch_size):
             if progress is not None:
                 progress(done, len(windows))
             done += len(chunk)
-            logits = self._forward(params, chunk[None, :, :-1])[0][0]
-            nll = F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none")
-            nll = nll[:, self.score_from:]
-            total += nll.double().sum().item()
-            count += nll.numel()
-        loss = total / count
-        return EvalResult(loss, loss / LN2, 0.0, False, len(windows))
+            logits = self._forward(params, chunk[:, :-1].expand(M, -1, -1))[0]  # (M, n, T, V)
+            targets = chunk[:, 1:].repeat(M, 1)
+            nll = F.cross_entropy(logits.flatten(0, 1).transpose(1, 2), targets, reduction="none")
+            nll = nll.view(M, *chunk[:, 1:].shape)[..., self.score_from:]
+            for m, s in enumerate(nll.double().sum((1, 2)).tolist()):  # one sync per chunk
+                totals[m] += s
+            count += nll[0].numel()
+        return [EvalResult(t / count, t / count / LN2, 0.0, False, len(windows)) for t in totals]
 
     @torch.no_grad()
     def sample(self, params, prompt, chars, generator):
@@ -246,19 +277,21 @@ class MaskedDiffusion(Workload):
         return self._masked_nll(params, x, torch.stack(masks), True, two_pass).mean(-1)
 
     @torch.no_grad()
-    def evaluate(self, params, limit=0, progress=None):
+    def evaluate_stacked(self, params, limit=0, progress=None):
         """NELBO in the exact-count form, `eval.samples` stratified draws per window.
 
         Standard error: the collapsed-strata estimator (pairs of neighbouring strata), which
         overstates the Monte-Carlo variance slightly, so the reported error is conservative."""
         K = self.cfg.eval.samples
         P = self.score_from
-        generator = torch.Generator().manual_seed(1234)  # the same masks every evaluation
+        # The same masks every evaluation, and for every model of a stack: they are drawn
+        # once per chunk and shared.
+        generator = torch.Generator().manual_seed(1234)
         windows = self.val_windows(limit)[:, 1:]
-        stacked = self.stack(params)
+        M = _models(params)
         W, T = windows.shape
         N = T - P
-        per_window = torch.empty(W, K, dtype=torch.float64)
+        per_window = torch.empty(M, W, K, dtype=torch.float64)
         rows = max(1, self.cfg.eval.batch_size // K) if K <= self.cfg.eval.batch_size else 1
         for w0 in range(0, W, rows):
             if progress is not None:
@@ -269,13 +302,9 @@ class MaskedDiffusion(Workload):
             u = torch.rand(n, 1, generator=generator)
             ell = 1 + ((torch.arange(K)[None, :] + u) * N / K).long().clamp(max=N - 1)  # 1..N
             mask = self._mask_exactly(n * K, T, P, ell, generator)
-            nll = self._masked_nll(stacked, x[None], mask[None])[0]
-            per_window[w0:w0 + n] = nll.double().view(n, K).cpu()
-        estimate = per_window.mean().item()
-        pairs = per_window[:, : K - K % 2].view(W, -1, 2)
-        var_w = ((pairs[..., 0] - pairs[..., 1]) ** 2).sum(1) / K**2 if K >= 2 else per_window.var()
-        stderr = math.sqrt(var_w.sum().item()) / W
-        return EvalResult(estimate, estimate / LN2, stderr / LN2, True, W)
+            nll = self._masked_nll(params, x.expand(M, -1, -1), mask.expand(M, -1, -1))
+            per_window[:, w0:w0 + n] = nll.double().view(M, n, K).cpu()
+        return [_bound(p) for p in per_window]
 
     @torch.no_grad()
     def sample(self, params, prompt, chars, generator):
@@ -335,6 +364,22 @@ class MaskedDiffusion(Workload):
                 x[0, masked[commit]] = chosen
                 steps += 1
         return x[0, len(ctx):].tolist(), steps
+
+
+def _bound(per_window: torch.Tensor) -> EvalResult:
+    """One model's NELBO from its (windows, samples) cross-entropies, with the standard error
+    of the collapsed strata."""
+    W, K = per_window.shape
+    estimate = per_window.mean().item()
+    pairs = per_window[:, : K - K % 2].view(W, -1, 2)
+    var_w = ((pairs[..., 0] - pairs[..., 1]) ** 2).sum(1) / K**2 if K >= 2 else per_window.var()
+    stderr = math.sqrt(var_w.sum().item()) / W
+    return EvalResult(estimate, estimate / LN2, stderr / LN2, True, W)
+
+
+def _models(params: Params) -> int:
+    """How many models a stack of parameters holds (its leading dimension)."""
+    return len(next(iter(params.values())))
 
 
 def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:

@@ -21,6 +21,13 @@ Randomness per worker: a data stream (which windows) and a noise stream (the dif
 model's masks), each its own seeded generator, consumed in step order. Dropout draws from
 torch's global generator, so with dropout > 0 the two engines draw different (equally
 distributed) masks; everything else is identical.
+
+CUDA graphs (runtime.cuda_graphs = "on", with train.compile on a CUDA device): the batched
+engine then compiles the workload's forward (and so its backward) and the optimizer with
+torch.compile's "reduce-overhead" mode, which records each of them as a CUDA graph per shape
+and replays it, one launch instead of hundreds. A replay overwrites the outputs of the
+previous one, so every step starts a new graph generation and results that outlive a step
+(a `gradients` job's gradients) are copied out. benchmarks/cuda_graphs.py measures it.
 """
 
 from __future__ import annotations
@@ -158,11 +165,14 @@ class Engine:
         # A plan's workers hold phantom tensors (planner/phantom.py): there is nothing to
         # compute, so every job completes the way a replayed one does, at once and alone.
         self.phantom = False
+        self.compiled = False
+        self.graphs = False  # steps replayed as CUDA graphs (decided in `start`)
 
-    def compile(self) -> None:
+    def compile(self, mode: str | None = None) -> None:
         """Fuse the optimizer's element-wise work (dozens of kernels per tensor otherwise)."""
-        self._clip, self._adamw, self._lion = (torch.compile(f) for f in
+        self._clip, self._adamw, self._lion = (torch.compile(f, mode=mode) for f in
                                                (clip_stacked, adamw_stacked, lion_stacked))
+        self.compiled = True
 
     # -- workers --------------------------------------------------------------------------
     def add_worker(self, index: int, workload, params0: dict[str, torch.Tensor], shard: Shard,
@@ -185,6 +195,29 @@ class Engine:
             if not bank.params:
                 bank.allocate(self._first[id(bank)])
         self._first.clear()
+        if self._wants_graphs():
+            self._use_graphs()
+
+    def _wants_graphs(self) -> bool:
+        """The workers' config asks for CUDA graphs (Workload.cuda_graphs) and this engine
+        compiles. The batched engine only: the sequential one is the reference, and real
+        runs (one sequential engine per rank) hand gradients to collectives mid-step."""
+        return (self.mode == "batched" and self.compiled and not self.graphs
+                and any(getattr(r.workload, "cuda_graphs", False) for r in self.rows))
+
+    def _use_graphs(self) -> None:
+        """Recompile the optimizer and every workload's forward in "reduce-overhead" mode.
+        A graph reads its inputs from the addresses it was recorded with and copies any other
+        input there first; the banks' stacked tensors keep their addresses for the whole run,
+        so marking them static spares that copy when a step takes whole banks (synchronous
+        methods). A step of some rows only gathers copies, which are copied in."""
+        self.compile("reduce-overhead")
+        for workload in {id(r.workload): r.workload for r in self.rows}.values():
+            workload.compile("reduce-overhead")
+        for bank in self._banks.values():
+            for t in [*bank.params.values(), *(t for ts in bank.moments.values() for t in ts)]:
+                torch._dynamo.mark_static_address(t)
+        self.graphs = True
 
     def reset_optimizer(self, row: Row) -> None:
         for ts in row.bank.moments.values():
@@ -344,6 +377,8 @@ class Engine:
         kind = group[0].kind
         workload = rows[0].workload
         if kind == "apply":
+            if self.graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             grads = [torch.stack([j.grads[i] for j in group]) for i in range(len(params))]
             self._optimize(rows, params, grads, moments, self._learning_rates(group, rows, 1)[0])
             return None
@@ -353,6 +388,8 @@ class Engine:
         lrs = self._learning_rates(group, rows, steps)
         micro = group[0].micro_batch or batch
         for i in range(steps):
+            if self.graphs:  # the previous step's graph outputs are no longer read
+                torch.compiler.cudagraph_mark_step_begin()
             leaves = [p.detach().requires_grad_(True) for p in params]
             named = dict(zip(rows[0].bank.names, leaves))
             loss = torch.zeros(len(rows), device=params[0].device)
@@ -367,6 +404,8 @@ class Engine:
             grads = [p.grad for p in leaves]
             total += loss
             if kind == "gradients":
+                if self.graphs:  # they outlive this step; the next replay would overwrite them
+                    grads = [g.clone() for g in grads]
                 for w, j in enumerate(group):
                     j.result = ([g[w] for g in grads], loss.detach()[w])
                 return total
