@@ -141,7 +141,7 @@ class WorkerSpec:
     device: str = ""  # catalogue name; "" = cluster.device
     batch_size: int = 0  # sequences per step; 0 = train.batch_size
     count: int = 1  # repeat this worker `count` times
-    join_s: float = 0.0  # joins the run at this simulated time (asynchronous algorithms)
+    join_s: float = 0.0  # joins the run at this simulated time (not every algorithm: setup.py)
 
 
 @dataclass
@@ -233,7 +233,9 @@ class ClusterConfig:
     link_losses: list[LinkLossSpec] = field(default_factory=list)
     # What a crash does (docs/simulation.md): "wait" = the worker is down until it restarts,
     # its unfinished compute is redone, everyone who needs it waits (any algorithm);
-    # "drop" = its process dies, peers are told and carry on (parameter-server algorithms).
+    # "drop" = its process dies, peers are told and carry on: parameter-server algorithms
+    # give its task back, ddp and diloco re-form the group (all-reduces average those alive,
+    # a restarted worker heals from a live peer).
     on_crash: str = choice("wait", "wait", "drop")
     failures: FailureSpec = field(default_factory=FailureSpec)
 
