@@ -7,6 +7,8 @@ the measured message time between stages, with its relative error against the me
     export PYTHONPATH=$PWD/src
     python benchmarks/pipeline_2bp.py --json $OUT/pipeline_2bp.json          # all GPUs (>= 2)
     python benchmarks/pipeline_2bp.py --device cpu --json /tmp/pipeline_2bp.json   # smoke, gloo
+    python benchmarks/pipeline_2bp.py --transport gloo --json $OUT/pipeline_2bp_gloo.json
+        # GPUs without NCCL: every message copied to host memory, sent over gloo, copied back
 
 Models: the nanoGPT char size (6 x 384) and a deeper one (24 x 384), where a stage has
 enough blocks for the pipeline's bubble to matter. Variants, in this order in one group of
@@ -62,6 +64,9 @@ def parse(argv):
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 3 on the cpu)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps (default 5; 1 on the cpu)")
+    p.add_argument("--transport", choices=("nccl", "gloo"), default="nccl",
+                   help="nccl: device to device (on the cpu: gloo directly); gloo: staged "
+                   "through host memory over gloo (a slow link; no NCCL on GPUs)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                    help="weights and activations (default bf16 on GPUs, fp32 on the cpu)")
     a = p.parse_args(argv)
@@ -158,7 +163,8 @@ def main(argv=None) -> int:
             heads = max(1, width // 64)  # head size 64, as nanoGPT's 384 / 6
             spec = Backbone(VOCAB, VOCAB, depth, width, heads, args.seq_len, causal=True)
             jobs.append(Job(spec, args.stages, args.micro_batches, args.micro_batch, runs,
-                            device=args.device, dtype=args.dtype, progress=True))
+                            device=args.device, dtype=args.dtype, progress=True,
+                            transport=args.transport))
             check_job(jobs[-1], args.stages)  # every model checked before the first runs
     except ValueError:
         print(f"pipeline_2bp: --models must look like 6x384,24x384, got '{args.models}'",
@@ -167,7 +173,11 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"pipeline_2bp: {e}", file=sys.stderr)
         return 2
-    result = {"device": args.device, "backend": "nccl" if args.device == "cuda" else "gloo",
+    direct = args.transport == "nccl"
+    result = {"device": args.device,
+              "backend": "nccl" if args.device == "cuda" and direct else "gloo",
+              "transport": args.transport,
+              "host_staged": not direct,
               "gpus": [torch.cuda.get_device_name(i)
                        for i in range(min(args.stages, torch.cuda.device_count()))]
               if args.device == "cuda" else [], "torch": torch.__version__,
@@ -177,7 +187,8 @@ def main(argv=None) -> int:
         spec = job.spec
         print(f"model {spec.depth} x {spec.width} ({spec.num_params() / 1e6:.1f}M parameters), "
               f"{args.stages} stages, m = {args.micro_batches} micro-batches of "
-              f"{args.micro_batch} x {args.seq_len} tokens, {args.device} ({result['backend']}), "
+              f"{args.micro_batch} x {args.seq_len} tokens, {args.device} ({result['backend']}"
+              f"{', host-staged' if not direct else ''}), "
               f"{args.dtype}", flush=True)
         report = spawn(job, timeout_s=600)
         result["models"].append(model_result(spec, job, report))

@@ -130,6 +130,28 @@ def test_report_has_measured_times_and_the_models_prediction(ran):
         assert r["prediction_rel_error"] == pytest.approx(r["predicted_step_s"] / r["step_s"] - 1)
 
 
+def test_host_staged_transport_gives_the_same_gradients(model, ran):
+    # transport = "gloo": every message copied to host memory, over gloo groups, copied back
+    # (on the cpu the copies are made too, so this is the path GPUs take without NCCL)
+    params, batch = model
+    runs = [Run("plain"), Run("2bp-fill", mode="stash", p2="fill")]
+    job = Job(SPEC, S, M, 2, runs, params=params, batch=batch, keep_grads=True,
+              transport="gloo", prefetch=1)
+    report = spawn(job, quiet=True)
+    direct = ran[0]
+    assert report["link_one_way_s"][0] > 0
+    for r in report["runs"]:
+        assert r["loss"] == pytest.approx(direct[r["name"]]["loss"], rel=1e-6)
+        assert _max_rel_err(r["grads"], direct[r["name"]]["grads"]) < 1e-6
+        assert [st["order"] for st in r["stages"]] == \
+            [st["order"] for st in direct[r["name"]]["stages"]]
+
+
+def test_a_transport_must_be_known():
+    with pytest.raises(UserError, match="transport must be one of nccl, gloo"):
+        spawn(Job(SPEC, S, M, 2, [Run("plain")], transport="tcp"))
+
+
 def test_no_rank_outlives_its_run(ran):
     assert _gone(ran[3])
 

@@ -7,7 +7,8 @@ operations the time model (timeline.py) orders for its stage: 1F1B or GPipe, pla
 2BP's split backward (Rae, Lee, Richings, arXiv 2405.18047) in the "stash" mode of
 stages.Ops, the deferred weight gradients (p2) at the end of the step or, under p2 = fill,
 wherever the model puts them to fill a wait. Activations travel forward and activation
-gradients backward with isend/irecv; gloo on CPU, NCCL on GPUs.
+gradients backward with isend/irecv; gloo on CPU, NCCL on GPUs, or (transport = "gloo") gloo
+on GPUs too, each message staged through host memory.
 
 Why one process group per link and direction: NCCL runs all point-to-point operations of one
 communicator on one CUDA stream, in the order they were posted. Were activations and gradients
@@ -19,16 +20,30 @@ carries only sends or only receives, in micro-batch order on both ends, whatever
 schedule, so no order of operations can deadlock it; it is also what the time model assumes
 (each direction of a link is its own FIFO pipe). The cost is 2(S-1) small groups.
 
+Why every run starts with a step without communication (on every device; it matters on GPUs):
+an NCCL receive posted ahead is a kernel that spins on the GPU until its peer's send arrives,
+and PyTorch runs CUDA with lazy module loading (CUDA_MODULE_LOADING=LAZY): the first launch
+of a kernel loads its module, and a load may need the whole context to synchronise, that is,
+to wait for that spinning receive. Its sender is the neighbour, which needs this stage's
+output first, so both ranks wait forever at the first launch of their first kernel (seen on
+2 H200s: the host threads in F.embedding on stage 0 and in rms_norm on stage 1, first step
+of the first run, while the blocking ping-pong before it, with no kernel launched while a
+transfer waited, had finished). The stream order itself has no cycle: per link direction
+one stream, sends and receives in micro-batch order at both ends. The dry step runs the
+run's exact order and shapes with zeros for the received tensors and no sends, so every
+kernel the run launches is loaded while no transfer is in flight; a barrier follows.
+benchmarks/nccl_p2p_probe.py tries the pattern with and without it.
+
 What a rank measures per run: wall time of every step (after a barrier, so the stages start
-together; the step's time is the slowest stage's), the duration of every F, B, P1 and P2
-(from the moment its input is there to its send posted: CUDA events on GPUs, whose host
-runs ahead, the clock on the CPU; waiting for the input is not counted), the micro-batches
-it holds state for, the bytes of that state as inprocess.py counts them (tensors saved for
-backward plus what 2BP keeps between p1 and p2, in the first step), and on GPUs
-torch.cuda.max_memory_allocated over the timed steps. Before the runs each link is timed with
-a ping-pong of one activation-sized message. Rank 0 then feeds the measured stage
-and link times to the time model, on the order the stages executed, and reports its predicted
-step time next to the measured one.
+together; the step's time is the slowest stage's), the duration of every F, B, P1 and P2 (from
+the moment its input is there to the end of its arithmetic, before its send: CUDA events on
+GPUs, whose host runs ahead, the clock on the CPU; waiting for the input is not counted, nor
+is the send), the micro-batches it holds state for, the bytes of that state as inprocess.py
+counts them (tensors saved for backward plus what 2BP keeps between p1 and p2, in the first
+step), and on GPUs torch.cuda.max_memory_allocated over the timed steps. Before the runs each
+link is timed with a ping-pong of one activation-sized message (with the host copies under
+transport = "gloo"). Rank 0 then feeds the measured stage and link times to the time model, on
+the order the stages executed, and reports its predicted step time next to the measured one.
 
 There is no optimizer step: a step is one pipeline flush of m micro-batches, which is the part
 2BP changes.
@@ -36,7 +51,9 @@ There is no optimizer step: a step is one pipeline flush of m micro-batches, whi
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import statistics
 import sys
 import time
@@ -55,6 +72,7 @@ from .stages import Ops, split_blocks, stage_forward, stage_param_names, weight_
 from .timeline import P2_POLICIES, Link, Pipeline, StageTimes, simulate
 
 MODES = ("plain", "stash")
+TRANSPORTS = ("nccl", "gloo")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -87,6 +105,12 @@ class Job:
     batch: torch.Tensor | None = None  # (m, micro_batch, seq_len + 1); None: random tokens
     keep_grads: bool = False  # return every stage's gradients of the last step (tests)
     prefetch: int = 2  # receives posted ahead per link and direction
+    # How messages travel: "nccl" device to device over the process group's backend (NCCL on
+    # GPUs; the cpu has only gloo, which then carries them directly); "gloo": over gloo
+    # groups, staged through host memory (device -> host copy, gloo, host -> device copy, all
+    # part of the link's time), on GPUs a path without NCCL and slow like a real slow link.
+    # On the cpu "gloo" copies each message too, so the staged path runs there as well.
+    transport: str = "nccl"
     timeout_s: float = 300.0  # a collective or receive waiting longer fails the rank
     progress: bool = False  # rank 0 prints a line per run
 
@@ -108,6 +132,9 @@ def check_job(job: Job, nproc: int) -> None:
                         f"{S} processes or cut the model into {nproc} stages")
     if job.device not in ("cpu", "cuda"):
         raise UserError(f"device must be cpu or cuda, got '{job.device}'")
+    if job.transport not in TRANSPORTS:
+        raise UserError(f"transport must be one of {', '.join(TRANSPORTS)}, got "
+                        f"'{job.transport}'")
     if job.device == "cuda" and torch.cuda.device_count() < S:
         raise UserError(f"{S} stages on cuda need {S} GPUs, this machine has "
                         f"{torch.cuda.device_count()}; use fewer stages or the cpu")
@@ -166,20 +193,33 @@ def run_rank(job: Job) -> dict | None:
     spawn.py's)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     check_job(job, world)
+    # `kill -USR1 PID` prints where this rank is: the way to see a pipeline that hangs
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     timeout = timedelta(seconds=job.timeout_s)
-    if job.device == "cuda":
+    staged = job.transport == "gloo"
+    if job.device == "cuda" and not staged:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use the tensor cores too
-        dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        # No device_id (lazy initialisation): each group's point-to-point operations get the
+        # communicator of their pair of ranks. With a group per link direction either way is
+        # safe (a group only ever carries one direction, in order), lazy is the plain one.
+        dist.init_process_group("nccl", timeout=timeout)
         meta = dist.new_group(backend="gloo", timeout=timeout)  # small objects, barriers
     else:
-        device = torch.device("cpu")
+        if job.device == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+            torch.cuda.set_device(device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+        else:
+            device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timeout)
         meta = dist.group.WORLD
     try:
         # every rank creates every group, in the same order (new_group is collective)
-        links = [(dist.new_group([l, l + 1]), dist.new_group([l, l + 1])) for l in range(world - 1)]
+        backend = "gloo" if staged else None
+        links = [(dist.new_group([l, l + 1], backend=backend),
+                  dist.new_group([l, l + 1], backend=backend)) for l in range(world - 1)]
         stage = Stage(job, rank, device, links)
         timed = _gather(meta, stage.time_link())
         link_s = [timed[l][l] for l in range(world - 1)]  # as link l's sending end timed it
@@ -276,20 +316,77 @@ def _summarise(job: Job, run: Run, stages: list[dict], link_s: list[float],
 # ---------------------------------------------------------------------------- one stage
 
 
+class _Wire:
+    """One direction of one link as one end uses it: the peer, the group, and how a message
+    travels. Direct: the tensor itself goes over the group (NCCL on GPUs, gloo on the cpu).
+    Staged: copied to host memory, sent over a gloo group, copied back to the device; the
+    copies belong to the link, not to the operations (the sender's copy is made after its
+    operation's timer stopped, the receiver's before its operation's timer starts)."""
+
+    def __init__(self, peer: int, group, device: torch.device, staged: bool):
+        self.peer, self.group, self.device, self.staged = peer, group, device, staged
+
+    def irecv(self, shape, dtype) -> tuple:
+        """(buffer, work) of a receive posted now."""
+        if self.staged:
+            buf = torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
+        else:
+            buf = torch.empty(shape, dtype=dtype, device=self.device)
+        return buf, dist.irecv(buf, self.peer, group=self.group)
+
+    def arrived(self, buf: torch.Tensor, work) -> torch.Tensor:
+        """The message on this stage's device, once it is there (on the device, the current
+        stream waits for it; staged, the host waits for gloo and queues the copy)."""
+        work.wait()
+        if not self.staged:
+            return buf
+        # from pinned memory the copy is queued on the current stream; the caching host
+        # allocator keeps the pinned block until the copy is done
+        return buf.to(self.device, non_blocking=True, copy=True)
+
+    def isend(self, t: torch.Tensor) -> tuple:
+        """(work, what must live until the work is done) of a send posted now."""
+        if self.staged:  # the host waits for the computation that made t, then copies
+            t = t.detach().to("cpu", copy=True)
+        return dist.isend(t, self.peer, group=self.group), t
+
+    def send(self, t: torch.Tensor) -> None:
+        work, _ = self.isend(t)
+        work.wait()
+
+    def recv(self, shape, dtype) -> torch.Tensor:
+        return self.arrived(*self.irecv(shape, dtype))
+
+
+class _NoWire:
+    """The dry step's link: zeros arrive, sends go nowhere."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def irecv(self, shape, dtype) -> tuple:
+        return torch.zeros(shape, dtype=dtype, device=self.device), None
+
+    def arrived(self, buf: torch.Tensor, work) -> torch.Tensor:
+        return buf
+
+    def isend(self, t: torch.Tensor) -> tuple:
+        return None, t
+
+
 class _Inbox:
     """The receives of one direction of one link, posted in micro-batch order, `ahead` at a
     time, so a message can land while the stage computes."""
 
-    def __init__(self, src: int, group, shape, dtype, device, m: int, ahead: int):
-        self.src, self.group, self.shape, self.dtype, self.device = src, group, shape, dtype, device
+    def __init__(self, wire, shape, dtype, m: int, ahead: int):
+        self.wire, self.shape, self.dtype = wire, shape, dtype
         self.m, self.ahead, self.next = m, ahead, 0
         self.posted: deque = deque()
         self._post()
 
     def _post(self) -> None:
         while self.next < self.m and len(self.posted) < self.ahead:
-            buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            self.posted.append((self.next, buf, dist.irecv(buf, self.src, group=self.group)))
+            self.posted.append((self.next, *self.wire.irecv(self.shape, self.dtype)))
             self.next += 1
 
     def take(self, i: int) -> torch.Tensor:
@@ -297,9 +394,9 @@ class _Inbox:
         j, buf, work = self.posted.popleft()
         if j != i:  # the sender sends in micro-batch order; the schedules use them in order
             raise RuntimeError(f"micro-batch {i} used before {j} on the link from stage "
-                               f"{self.src}: the schedule must use them in order")
-        work.wait()
-        return buf
+                               f"{getattr(self.wire, 'peer', '?')}: the schedule must use "
+                               f"them in order")
+        return self.wire.arrived(buf, work)
 
     def refill(self) -> None:
         self._post()
@@ -370,10 +467,11 @@ class Stage:
         self.msg_shape = (job.micro_batch, spec.seq_len, spec.width)
         self.message_bytes = job.micro_batch * spec.seq_len * spec.width * self.dtype.itemsize
         # links[l] = (activations l -> l+1, gradients l+1 -> l)
-        self.fwd_in = links[s - 1][0] if s > 0 else None
-        self.bwd_out = links[s - 1][1] if s > 0 else None
-        self.fwd_out = links[s][0] if s < S - 1 else None
-        self.bwd_in = links[s][1] if s < S - 1 else None
+        staged = job.transport == "gloo"
+        self.fwd_in = _Wire(s - 1, links[s - 1][0], device, staged) if s > 0 else None
+        self.bwd_out = _Wire(s - 1, links[s - 1][1], device, staged) if s > 0 else None
+        self.fwd_out = _Wire(s + 1, links[s][0], device, staged) if s < S - 1 else None
+        self.bwd_in = _Wire(s + 1, links[s][1], device, staged) if s < S - 1 else None
         self.blocks = split_blocks(spec.depth, S)[s]
 
     def _sync(self) -> None:
@@ -388,17 +486,15 @@ class Stage:
             if self.s not in (l, l + 1):
                 continue
             ping = torch.zeros(self.msg_shape, dtype=self.dtype, device=self.device)
-            pong = torch.empty_like(ping)
             for k in range(warm + reps):
                 if k == warm:
                     self._sync()
                     t0 = time.perf_counter()
                 if self.s == l:
-                    dist.send(ping, l + 1, group=self.fwd_out)
-                    dist.recv(pong, l + 1, group=self.bwd_in)
+                    self.fwd_out.send(ping)
+                    self.bwd_in.recv(self.msg_shape, self.dtype)
                 else:
-                    dist.recv(pong, l, group=self.fwd_in)
-                    dist.send(pong, l, group=self.bwd_out)
+                    self.bwd_out.send(self.fwd_in.recv(self.msg_shape, self.dtype))
             self._sync()
             if self.s == l:
                 out[l] = (time.perf_counter() - t0) / reps / 2
@@ -410,6 +506,8 @@ class Stage:
         timer = _Timer(self.device)
         step_s, ops, peak_mem = [], [], None
         first = None
+        # every kernel of the run loaded before any receive waits on the GPU (module docstring)
+        self.step(run, order, _Timer(self.device), measure=False, dry=True)
         for k in range(run.warmup + run.steps):
             if k == run.warmup and self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -447,12 +545,16 @@ class Stage:
 
     # -- one step
 
-    def step(self, run: Run, order: list[Op], timer: _Timer, measure: bool):
+    def step(self, run: Run, order: list[Op], timer: _Timer, measure: bool, dry: bool = False):
+        """One step of `order`; `dry`: without communication (zeros arrive, nothing is sent)."""
         S, s, m = self.S, self.s, self.m
         stash = run.mode == "stash"
-        args = (self.msg_shape, self.dtype, self.device, m, self.job.prefetch)
-        fwd = _Inbox(s - 1, self.fwd_in, *args) if s > 0 else None
-        bwd = _Inbox(s + 1, self.bwd_in, *args) if s < S - 1 else None
+        none = _NoWire(self.device)
+        fwd_in, bwd_in = (none, none) if dry else (self.fwd_in, self.bwd_in)
+        fwd_out, bwd_out = (none, none) if dry else (self.fwd_out, self.bwd_out)
+        args = (self.msg_shape, self.dtype, m, self.job.prefetch)
+        fwd = _Inbox(fwd_in, *args) if s > 0 else None
+        bwd = _Inbox(bwd_in, *args) if s < S - 1 else None
         sends: list = []  # (work, tensor): a tensor lives until its send is done
         st = _StepState()
         grads: dict[str, torch.Tensor] = {}
@@ -467,8 +569,8 @@ class Stage:
         for op in order:
             i = op.mbs[0]
             # An operation's time is all this stage does for it once its input is there:
-            # posting the next receive, the arithmetic, posting the send. Only the wait for
-            # the input is left out: that is the time model's business.
+            # posting the next receive and the arithmetic. The wait for the input and the
+            # send are left out: they are the link's, the time model's business.
             if op.kind == "F":
                 x = self.batch[i, :, :-1] if s == 0 else fwd.take(i).requires_grad_(True)
             elif op.kind in ("B", "P1"):
@@ -481,10 +583,7 @@ class Stage:
                 y = self._forward(st, i, x, stash, measure)
                 st.inp[i], st.out[i] = x, y
                 st.held += 1
-                if s < S - 1:
-                    y_ = y.detach()
-                    sends.append((dist.isend(y_, s + 1, group=self.fwd_out), y_))
-                else:
+                if s == S - 1:
                     loss += y.detach().float()
             elif op.kind in ("B", "P1"):
                 # plain: input and weight gradients at once; stash: the weights' Ops keep
@@ -492,7 +591,6 @@ class Stage:
                 torch.autograd.backward(st.out[i], g)
                 if s > 0:
                     gx = st.inp[i].grad.contiguous()
-                    sends.append((dist.isend(gx, s - 1, group=self.bwd_out), gx))
                 if op.kind == "B":
                     st.held -= 1
                     free(i)
@@ -505,8 +603,12 @@ class Stage:
                 st.held -= len(op.mbs)
                 for j in op.mbs:
                     free(j)
-            sends = [(w, buf) for w, buf in sends if not w.is_completed()]
             timer.stop(t, op)
+            if op.kind == "F" and s < S - 1:
+                sends.append(fwd_out.isend(y.detach()))
+            elif op.kind in ("B", "P1") and s > 0:
+                sends.append(bwd_out.isend(gx))
+            sends = [(w, buf) for w, buf in sends if w is not None and not w.is_completed()]
             if measure:
                 st.peak_bytes = max(st.peak_bytes, self._live_bytes(st))
             st.peak_held = max(st.peak_held, st.held)
