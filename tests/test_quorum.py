@@ -57,6 +57,7 @@ def test_a_worker_that_crashes_while_it_waits_loses_its_round():
     s = simulate(tiny_config(*DILOCO, *slow, crash(0, 3.0))).summary
     assert s["tokens_lost"] == 2 * TOK
     assert s["tokens_in_model"] == 8 * TOK  # worker 1's four rounds
+    assert isinstance(s["tokens"], int)  # computed tokens stay whole after the discard
     assert s["tokens_trained"] == s["tokens_in_model"] + s["tokens_lost"]
     assert s["sim_time_s"] == pytest.approx(16.0)
 

@@ -78,7 +78,7 @@ class _Proc:
     member: bool = True  # all-reduces of its group wait for it (False: crashed, or healing)
     shared: tuple | None = None  # (tensors, meta) last offered to a worker that heals
     participants: tuple = ()  # the workers its last completed all-reduce averaged
-    uncommitted: float = 0.0  # tokens trained since its last completed all-reduce
+    uncommitted: int = 0  # tokens trained since its last completed all-reduce
 
     def span(self, kind: str, start: float, end: float) -> None:
         if end <= start:
@@ -422,7 +422,7 @@ class SimRuntime:
                                          lambda: plan.reduce([coll["parts"][m] for m in present]))
         coll["joined"] = self.time
         for p in coll["procs"]:  # their work up to here is in the mean
-            p.participants, p.uncommitted = present, 0.0
+            p.participants, p.uncommitted = present, 0
         self.peak_payload = max(self.peak_payload, plan.payload_bytes)
         hosts = [self.job.worker_name(m) for m in present]
         if self.cluster.cfg.allreduce == "hierarchical":  # fp32 only (checked at build)
@@ -573,7 +573,7 @@ class SimRuntime:
         proc.member = False
         self.tokens_lost += proc.uncommitted  # finished work, thrown away after all
         self.tokens -= proc.uncommitted
-        proc.uncommitted = 0.0
+        proc.uncommitted = 0
         for key, coll in list(self._collectives.items()):
             keep = [i for i, p in enumerate(coll["procs"]) if p is not proc]
             if "joined" in coll or len(keep) == len(coll["procs"]):
