@@ -4,6 +4,9 @@
 # optimizer swept instead of fixed at the papers' defaults. Every sweep is one `loco sweep`
 # process (its simulations run batched together); all sweeps of the parts asked for run side
 # by side on one GPU, and the script returns when every one has finished.
+# Memory: the parts async-tuned, halos and diffusion together (13 sweeps started at once) do not
+# fit one 140 GB H200: three sweeps died with CUDA out of memory (2026-11-30). Split them, e.g.
+# async-tuned on one GPU and halos,diffusion on another, or async-tuned alone.
 #
 #   experiments/fidelity.sh OUTDIR CORPUS PART[,PART...] [extra --set arguments...]
 #

@@ -4,7 +4,11 @@
 
 Reads every run folder under OUTDIR (each sweep point's config.toml, summary.json and
 metrics.jsonl) and prints markdown: claim 1, the best DiLoCo per M against the best
-data-parallel, with the papers' default outer optimizer beside it; claims 2 and 3, every
+data-parallel, with the papers' default outer optimizer beside it; the same for every
+subfolder of OUTDIR that holds sweeps of its own (claim 1 at another model size, e.g.
+OUTDIR/small_2x128 from `fidelity.sh ... scaling,scaling-lr --set model.depth=2 ...`; figure
+fidelity_scaling_<subfolder>.png), then claim 1 across the model sizes (seed 0, DiLoCo's best
+outer setting per M and inner lr against data-parallel at inner lr 4e-3 and 8e-3); claims 2 and 3, every
 variant's final bpc against its DiLoCo at the same H and outer optimizer; claim 4 with the
 asynchronous server's outer optimizer tuned (`c4_*`, beside the defaults of `async_*` and the
 DiLoCo seeds of `seeds_diloco_M4`), on equal speeds and with half-speed workers; claim 5,
@@ -78,6 +82,42 @@ def scaling(all_runs: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines) + f"\n\nData-parallel (batch 64): {ddp_line}.\n", best
 
 
+def model_size(rs: list[dict]) -> str:
+    m = rs[0]["cfg"]["model"]
+    return f"{m['depth']} x {m['width']} ({rs[0]['summary']['params'] / 1e6:.2f}M parameters)"
+
+
+def across_sizes(sizes: list[list[dict]]) -> str:
+    """Claim 1 at each model size, seed 0 only (the sweeps of PART scaling and scaling-lr, and
+    data-parallel at lr 4e-3 from PART seeds where PART scaling's runs are absent): per M and
+    DiLoCo inner lr, the best outer (lr, momentum) and its gap to data-parallel at inner lr
+    4e-3 (the same inner lr) and 8e-3."""
+    lines = ["| model | M | DiLoCo inner lr | best outer (lr, momentum) | final bpc | - DP lr 4e-3 "
+             "| - DP lr 8e-3 |", "|---|---|---|---|---|---|---|"]
+    for rs in sizes:
+        dp: dict[float, dict] = {}
+        for r in sorted(rs, key=lambda r: not r["sweep"].startswith("ddp")):  # PART scaling first
+            c = r["cfg"]
+            if (c["algorithm"]["name"] == "ddp" and c["cluster"]["size"] == 1 and c["train"]["seed"] == 0
+                    and c["train"]["batch_size"] == 64 and r["sweep"].startswith(("ddp", "seeds_ddp"))):
+                dp.setdefault(c["train"]["lr"], r)
+        for M in (1, 2, 4, 8):
+            for lr in (2e-3, 4e-3):
+                points = [r for r in rs if r["sweep"].startswith("diloco") and r["cfg"]["cluster"]["size"] == M
+                          and r["cfg"]["train"]["lr"] == lr]
+                if not points:
+                    continue
+                top = min(points, key=bpc)
+                gaps = [f"{bpc(top) - bpc(dp[x]):+.4f}" if x in dp else "-" for x in (4e-3, 8e-3)]
+                lines.append(f"| {model_size(rs)} | {M} | {lr:g} | ({setting(top, 'outer_lr'):g}, "
+                             f"{setting(top, 'outer_momentum'):g}) | {bpc(top):.4f} | {gaps[0]} | {gaps[1]} |")
+        lines.append(f"| {model_size(rs)} | DP | | | " + ", ".join(
+            f"lr {x:g}: {bpc(r):.4f} ({r['sweep']})" for x, r in sorted(dp.items())) + " | | |")
+    return ("\n".join(lines) + "\n\nSeed 0 everywhere; DiLoCo's outer grid: (0.5, 0.7, 1.0) x (0, 0.5, 0.9) "
+            "at inner lr 2e-3, (0.7, 1.0) x (0, 0.5) at 4e-3. A gap is DiLoCo's final bpc minus "
+            "data-parallel's (negative: DiLoCo better).\n")
+
+
 def overlap(all_runs: list[dict]) -> str:
     out = ["| sweep | point | final bpc | bytes sent | simulated time (s) |", "|---|---|---|---|---|"]
     for r in sorted((r for r in all_runs if r["sweep"].startswith(("streaming", "ladder"))),
@@ -88,7 +128,7 @@ def overlap(all_runs: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def figure(best: dict, path: Path) -> None:
+def figure(best: dict, path: Path, size: str = "") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -103,7 +143,7 @@ def figure(best: dict, path: Path) -> None:
         ax.plot(xs, ys, marker=".", label=label)
     ax.set_xlabel("training tokens (millions, all workers)")
     ax.set_ylabel("validation bpc (200 windows)")
-    ax.set_title("Best of each sweep at equal tokens and global batch 64 x 256")
+    ax.set_title("Best of each sweep at equal tokens and global batch 64 x 256" + (f"\n{size}" if size else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -340,6 +380,20 @@ def mean_time(rs: list[dict], target: float) -> tuple[float | None, str]:
     return sum(got) / len(got), f"{sum(got) / len(got):.1f} ({len(got)}/{len(ts)})"
 
 
+def bpc_at(rs: list[dict], t: float) -> str:
+    """Validation bpc at simulated time t, linear between the evaluations during training (the
+    final evaluation on every window left out), mean over the runs: 'mean (n)'."""
+    ys = []
+    for r in rs:
+        ev = sorted((e for e in r["evals"] if not e.get("final")), key=lambda e: e["sim_time_s"])
+        for a, b in zip(ev, ev[1:]):
+            if a["sim_time_s"] <= t <= b["sim_time_s"]:
+                f = (t - a["sim_time_s"]) / max(b["sim_time_s"] - a["sim_time_s"], 1e-12)
+                ys.append(a["val_bpc"] + f * (b["val_bpc"] - a["val_bpc"]))
+                break
+    return f"{sum(ys) / len(ys):.4f} ({len(ys)})" if ys else "-"
+
+
 def halos_label(run: dict) -> str:
     a = run["cfg"]["algorithm"]["name"]
     if a == "diloco":
@@ -403,6 +457,12 @@ def claim5(all_runs: list[dict], img: Path | None) -> str:
                 tuned_mark = " (tuned)" if sum(family(l) == f for l in cells) > 1 else ""
                 notes.append(f"HALoS (tuned) final bpc {mean_bpc(h) - mean_bpc(cells[label]):+.4f} "
                              f"against {label}{tuned_mark}.")
+    if "HALoS" in best:  # at equal simulated time: where HALoS's run ends
+        h = cells[best["HALoS"]]
+        t = min(curve([r], "sim_time_s")[0][-1] for r in h)
+        at = [f"{label}: {bpc_at(cells[label], t)}" for label in best.values()]
+        notes.append(f"Validation bpc (200 windows, mean over seeds) at {t:.1f} s of simulated time, "
+                     "the last evaluation during tuned HALoS's run: " + "; ".join(at) + ".")
     text = ("\n".join(lines) + "\n\nFinal bpc: mean +- standard deviation over seeds (number of "
             "seeds); times: mean over the seeds that reach the target (how many of them did). "
             "(tuned): the family's cell with the lowest mean final bpc.\n\n" + "\n".join(notes) + "\n")
@@ -498,6 +558,17 @@ def main() -> None:
         print("## Claim 1\n\n" + table)
         if args.img:
             figure(best, Path(args.img) / "fidelity_scaling.png")
+    sizes = [all_runs] if any(r["sweep"].startswith("diloco") for r in all_runs) else []
+    for sub in sorted(p for p in Path(args.outdir).iterdir() if p.is_dir()):
+        sub_runs = runs(sub)  # a subfolder of sweeps: claim 1 at another model size
+        if any(r["sweep"].startswith("ddp") for r in sub_runs):
+            table, best = scaling(sub_runs)
+            print(f"## Claim 1, {sub.name}: {model_size(sub_runs)}\n\n" + table)
+            if args.img:
+                figure(best, Path(args.img) / f"fidelity_scaling_{sub.name}.png", model_size(sub_runs))
+            sizes.append(sub_runs)
+    if len(sizes) > 1:
+        print("## Claim 1 across model sizes\n\n" + across_sizes(sizes))
     if any(r["sweep"].startswith("seeds_") for r in all_runs):
         print("## Seeds\n\n" + seeds(all_runs, Path(args.img) if args.img else None))
     if any(r["sweep"].startswith(("streaming", "ladder")) for r in all_runs):
