@@ -127,7 +127,7 @@ def test_a_data_parallel_replica_heals_with_the_optimizer_state():
     assert s["tokens_in_model"] > (2 * 2 + 6) * TOK  # it took part again
 
 
-def test_when_every_replica_is_gone_the_run_ends_with_what_was_averaged():
+def test_when_every_replica_is_gone_for_good_the_run_ends_with_what_was_averaged():
     """Both workers crash for good during round 2: the model is round 1's."""
     both = ("cluster.crashes=[{worker=0, at_s=3.0, restart_after_s=-1.0}, "
             "{worker=1, at_s=3.5, restart_after_s=-1.0}]")
@@ -135,6 +135,27 @@ def test_when_every_replica_is_gone_the_run_ends_with_what_was_averaged():
     assert s["tokens_in_model"] == 4 * TOK
     assert s["tokens_lost"] == TOK + TOK * 3 // 2
     assert s["tokens_trained"] == s["tokens_in_model"] + s["tokens_lost"]
+
+
+def test_when_every_replica_is_down_the_first_back_heals_from_the_state_left_behind():
+    """Both workers crash in round 2 (at 3 s and 3.5 s) and come back 1 s later. Worker 1,
+    the last to go, leaves round 1's shared state behind; worker 0 heals from it at 4 s
+    (no peer, no transfer) and trains round 2 alone; worker 1 heals from worker 0 at 6 s;
+    both train rounds 3 and 4, and the run ends at 10 s with equal replicas."""
+    both = ("cluster.crashes=[{worker=0, at_s=3.0, restart_after_s=1.0}, "
+            "{worker=1, at_s=3.5, restart_after_s=1.0}]")
+    result = simulate(tiny_config(*DILOCO, both))
+    s = result.summary
+    assert s["sim_time_s"] == pytest.approx(10.0)
+    assert s["tokens_in_model"] == (4 + 2 + 4 + 4) * TOK
+    assert s["tokens_lost"] == TOK + TOK * 3 // 2
+    assert s["tokens_trained"] == s["tokens_in_model"] + s["tokens_lost"]
+    logs = result.runtime.recorder.logs
+    assert any("[t=4.00s w0] heals from the state the last member left" in x for x in logs)
+    assert any("[t=6.00s w1] heals from w0" in x for x in logs)
+    w0, w1 = result.runtime.worker_procs
+    for n in w0.worker.params:
+        assert torch.equal(w0.worker.params[n], w1.worker.params[n]), n
 
 
 def test_algorithms_that_cannot_re_form_their_group_say_so():
@@ -174,3 +195,22 @@ def _first_event_with_a_heal_in_flight(out, overrides) -> int:
     sim.run()
     assert found, "no heal was ever on the wire"
     return found[0]
+
+
+@pytest.mark.parametrize("algorithm", ["diloco", "ddp"])
+@pytest.mark.parametrize("seed", [0, 3, 4])
+def test_random_crashes_never_stop_the_group_and_every_token_is_accounted(algorithm, seed):
+    """Three workers crashing at random (about 3 times each in the run) and back 2 s later:
+    the group keeps re-forming, every run trains all its steps (16 s or more of 1 s steps),
+    and trained = in model + lost. Seeds 3 and 4 once had every worker down at one moment."""
+    one_region = [o for o in ONE_REGION if not o.startswith(("cluster.workers", "cluster.size"))]
+    cfg = tiny_config(f"algorithm.name={algorithm}", f"train.tokens={48 * TOK}",
+                      "cluster.on_crash=drop", *one_region,
+                      "cluster.workers=[{region='a', count=3}]", "cluster.size=3",
+                      "cluster.failures.horizon_s=20", "cluster.failures.crash_rate_per_hour=700",
+                      "cluster.failures.restart_after_s=2", f"cluster.failures.seed={seed}",
+                      *(["algorithm.H=2"] if algorithm == "diloco" else []))
+    s = simulate(cfg).summary
+    assert s["sim_time_s"] >= 16.0 - 1e-9
+    assert s["tokens_lost"] > 0
+    assert s["tokens_trained"] == s["tokens_in_model"] + s["tokens_lost"]

@@ -90,8 +90,9 @@ class DiLoCo(Algorithm):
             tensors, meta = healed
             first, in_model = meta["round"], meta["tokens"]
             with torch.no_grad():
-                for t, v in zip(theta, tensors):
+                for t, p, v in zip(theta, params, tensors):
                     t.copy_(v)
+                    p.copy_(v)  # the parameters that came with it may be mid-round ones
             outer.buf = [v.clone() for v in tensors[len(theta):]] or None
         elif ctx.worker == 0:
             ctx.publish(theta, 0, 0)

@@ -174,6 +174,7 @@ class SimRuntime:
         self._synchronous = algorithm.synchronous
         self._healers: deque = deque()  # workers waiting in heal(), first come first served
         self._heals: dict[int, tuple] = {}  # state transfers on the wire, by network tag
+        self._durable: dict | None = None  # the state the last member to crash left behind
         self.workers_total = sum(self.copies.values())
         self.network = Network(cluster, {p.name: p.region for p in self.procs},
                                {p.name: p.worker.index for p in self.worker_procs},
@@ -307,11 +308,9 @@ class SimRuntime:
                 self._schedule(self.time, proc, _Finished(job))
                 return
             if isinstance(op, Heal):
-                if not self._live_members():
-                    value = None  # nobody left to heal from: the run is over for this worker
-                    continue
-                self._healers.append(proc)
                 proc.waiting, proc.wait_start = op, self.time
+                self._healers.append(proc)
+                self._release_healers()  # at once, if no live member can serve it
                 return
             if isinstance(op, ServerStep):
                 end = self.time + self.cluster.cfg.server_compute_s
@@ -542,11 +541,12 @@ class SimRuntime:
         not the first), a fresh inner optimizer, the same data stream. Not if no server is
         left to give it work: the run is over."""
         servers = [p for p in self.procs if p.worker is None]
-        if all(p.done for p in servers) if servers else not self._live_members():
+        if all(p.done for p in servers) if servers else self._group_is_over():
             proc.done = True
             self.recorder.log(f"[t={self.time:.2f}s {proc.name}] not restarted: the run is over")
             return False
         proc.dead = proc.done = False
+        proc.shared = None  # its previous incarnation's
         proc.restarts += 1
         self.engine.reset_optimizer(proc.worker)
         proc.gen = proc.run(_SimContext(self, proc))
@@ -558,13 +558,20 @@ class SimRuntime:
     # unsynchronised work is lost; one that restarts (or joins) waits for the next `share`
     # of a live member, becomes a member at once (the group's next all-reduce waits for it),
     # and resumes when the peer's state, parameters and inner-optimizer state have crossed
-    # the network to it.
+    # the network to it. When every member is down at once, the last to go leaves the group's
+    # last shared state behind (as if each member wrote it to storage after every outer step:
+    # torchft's fallback is a checkpoint), and the next to restart heals from that.
     def _in_quorum(self, worker: int) -> bool:
         p = self._proc_of[worker]
         return p.member and not p.dead
 
     def _live_members(self) -> list[_Proc]:
         return [p for p in self.worker_procs if p.member and not p.dead and not p.done]
+
+    def _group_is_over(self) -> bool:
+        """No member is alive and nothing is left to heal from, or a worker has finished."""
+        finished = any(p.done and not p.dead for p in self.worker_procs)
+        return finished or (not self._live_members() and self._durable is None)
 
     def _leave_quorum(self, proc: _Proc) -> None:
         """A member crashed: what it trained since its last all-reduce is lost, its part of
@@ -586,6 +593,8 @@ class SimRuntime:
                 h.state.pop("waiter")
         for key in list(self._collectives):
             self._complete_if_ready(key)
+        if not self._live_members() and proc.shared is not None:
+            self._durable = self._state_of(proc)
         self._release_healers()
 
     def _share(self, proc: _Proc, tensors, meta: dict) -> None:
@@ -595,33 +604,44 @@ class SimRuntime:
             if not (healer.dead or healer.done):
                 self._serve(proc, healer)
 
-    def _serve(self, source: _Proc, healer: _Proc) -> None:
-        """Send `healer` a copy of `source`'s state as it is now; from now on it is a member,
-        at the source's place in the group's sequence of all-reduces."""
-        tensors, meta = source.shared
-        payload = [t.clone() for t in tensors]
-        row = None
-        numel = sum(t.numel() for t in tensors)
-        if not self.phantom:  # its parameters, moments and step counters (not its data streams)
-            state, counters = self.engine.state([source.worker])
-            row = ({k: v.clone() for k, v in state.items() if not k.endswith("_stream")},
-                   {"rows": [dict(c) for c in counters["rows"]]})
-            numel += sum(v.numel() for v in row[0].values())
+    def _state_of(self, proc: _Proc) -> dict:
+        """A copy of what a worker heals from `proc`: its shared tensors and numbers, its
+        parameters, moments and step counters (not its data streams), and its place in the
+        group's sequence of all-reduces."""
+        tensors, meta = proc.shared
+        state = {"payload": [t.clone() for t in tensors], "meta": dict(meta), "row": None,
+                 "collectives": dict(proc.collectives), "participants": proc.participants,
+                 "numel": sum(t.numel() for t in tensors)}
+        if not self.phantom:
+            rows, counters = self.engine.state([proc.worker])
+            state["row"] = ({k: v.clone() for k, v in rows.items() if not k.endswith("_stream")},
+                            {"rows": [dict(c) for c in counters["rows"]]})
+            state["numel"] += sum(v.numel() for v in state["row"][0].values())
         else:  # parameters and two moments (AdamW)
-            numel += 3 * sum(math.prod(s) for s in self.job.param_shapes)
+            state["numel"] += 3 * sum(math.prod(s) for s in self.job.param_shapes)
+        return state
+
+    def _serve(self, source: _Proc | None, healer: _Proc) -> None:
+        """Hand `healer` a copy of `source`'s state as it is now (over the network), or of
+        the state the last member left (source None: at once); from now on it is a member,
+        at the state's place in the group's sequence of all-reduces."""
+        state = self._state_of(source) if source is not None else self._durable
         healer.member = True
-        healer.collectives = dict(source.collectives)
-        healer.participants = source.participants
+        healer.collectives = dict(state["collectives"])
+        healer.participants = state["participants"]
+        if source is None:
+            self.recorder.log(f"[t={self.time:.2f}s {healer.name}] heals from the state the "
+                              "last member left (no live member)")
+            return self._install(healer, state, self.time)
         self._seq += 1
-        self._heals[self._seq] = (healer, healer.restarts, source, payload, dict(meta), row,
-                                  self.time)
+        self._heals[self._seq] = (healer, healer.restarts, source, state, self.time)
         self.recorder.log(f"[t={self.time:.2f}s {healer.name}] heals from {source.name} "
-                          f"({4 * numel:,} bytes)")
-        self.network.send(self.time, source.name, healer.name, 4 * numel + HEADER_BYTES,
+                          f"({4 * state['numel']:,} bytes)")
+        self.network.send(self.time, source.name, healer.name, 4 * state["numel"] + HEADER_BYTES,
                           ("heal", self._seq))
 
     def _healed(self, key: int) -> None:
-        healer, incarnation, source, payload, meta, row, sent_at = self._heals.pop(key)
+        healer, incarnation, source, state, sent_at = self._heals.pop(key)
         if healer.dead or healer.restarts != incarnation:
             return  # it crashed again meanwhile
         if source.crashed_at >= sent_at:  # the source died mid-transfer: heal again
@@ -631,19 +651,28 @@ class SimRuntime:
                 self._complete_if_ready(k)
             self._release_healers()
             return
-        if row is not None:
+        self._install(healer, state, sent_at)
+
+    def _install(self, healer: _Proc, state: dict, sent_at: float) -> None:
+        if state["row"] is not None:
             own, _ = self.engine.state([healer.worker])
-            tensors = dict(row[0], **{k: v for k, v in own.items() if k.endswith("_stream")})
-            self.engine.load_state([healer.worker], tensors, row[1])
-        self._resume(healer, (payload, meta), ready_at=sent_at)
+            tensors = dict(state["row"][0], **{k: v for k, v in own.items() if k.endswith("_stream")})
+            self.engine.load_state([healer.worker], tensors, state["row"][1])
+        payload = [t.clone() for t in state["payload"]]
+        healer.shared = (payload, dict(state["meta"]))  # what it holds now, until it shares
+        self._resume(healer, (payload, dict(state["meta"])), ready_at=sent_at)
 
     def _release_healers(self) -> None:
-        """With no live member left, nobody can heal the waiting workers: they end."""
-        if self._healers and not self._live_members():
-            while self._healers:
-                healer = self._healers.popleft()
-                if healer.waiting is not None and not healer.dead:
-                    self._resume(healer, None, ready_at=self.time)
+        """With no live member left, the waiting workers heal from the state the last member
+        left, or, if there is none or the run is over, they end."""
+        while self._healers and not self._live_members():
+            healer = self._healers.popleft()
+            if healer.waiting is None or healer.dead:
+                continue
+            if self._group_is_over():
+                self._resume(healer, None, ready_at=self.time)
+            else:
+                self._serve(None, healer)
 
     def _wake(self, handle: Handle, ready_at: float) -> None:
         proc = handle.state.pop("waiter", None)
@@ -683,7 +712,7 @@ class SimRuntime:
     def roots(self) -> list:
         """Where the state of a paused run lives (runtime/snapshot.py walks it)."""
         return [[(p.gen, p.mailbox, p.waiting) for p in self.procs], self._heap,
-                self._collectives, self._messages, self._replicas, self._heals,
+                self._collectives, self._messages, self._replicas, self._heals, self._durable,
                 self.recorder.last[0] if self.recorder.last else None]
 
     def unconsumed_jobs(self) -> list:
