@@ -162,6 +162,17 @@ def test_diloco_exposes_one_all_reduce_per_round():
     assert r.wall_s == pytest.approx(4 * (5 * T + transfer(N, 1.0)))
 
 
+@pytest.mark.parametrize("gbps", [1.0, 0.5])
+def test_diloco_with_layer_windows_hides_the_dag_window(gbps):
+    """The whole model's sync may start when the last backward pass has finished the top
+    block (7 of 8: (2/3) 7/8 of a step early) and is needed when the next forward pass
+    reaches block 0 (at once): w = 7/12 of a step hidden, except after the last round."""
+    r = run_plan(two_dc("algorithm.name=diloco", "algorithm.H=5", "algorithm.layer_windows=true",
+                        f"train.tokens={20 * PER_STEP}", gbps=gbps))
+    c, w = transfer(N, gbps), 7 / 12
+    assert r.wall_s == pytest.approx(4 * 5 * T + 3 * max(0.0, c - w * T) + c)
+
+
 @pytest.mark.parametrize("tau,gbps", [(0, 1.0), (0, 0.1), (1, 1.0), (1, 0.1)])
 def test_streaming_exposes_what_tau_steps_do_not_hide(tau, gbps):
     """Spec 12: per fragment max(0, l + f (S/P) q / B - tau T). Here P = 4 fragments, H = 8,
@@ -172,6 +183,23 @@ def test_streaming_exposes_what_tau_steps_do_not_hide(tau, gbps):
     c = transfer(N / 4, gbps)
     rounds, P = 3, 4
     assert r.wall_s == pytest.approx(rounds * 8 * T + (rounds * P - 1) * max(0.0, c - tau * T) + P * c)
+
+
+@pytest.mark.parametrize("gbps", [0.1, 0.05])
+def test_layer_windows_hide_what_the_next_forward_pass_does_not_need_yet(gbps):
+    """Streaming with one fragment per layer (P = 8) and tau = 0, each layer's all-reduce
+    waited for with slack x_p = p / 8 of a step (api.Context.wait; streaming.layer_windows):
+    a sync after step t exposes max(0, c - x_p T) instead of c; the last sync and the final
+    ones have no next step to hide behind (spec 12's per-layer DAG, by hand)."""
+    r = run_plan(two_dc("algorithm.name=streaming", "algorithm.H=8", "algorithm.fragments=8",
+                        "algorithm.tau=0", "algorithm.layer_windows=true",
+                        f"train.tokens={24 * PER_STEP}", gbps=gbps))
+    c = transfer(N / 8, gbps)
+    hidden = sum(max(0.0, c - ((t - 1) % 8) / 8 * T) for t in range(1, 24))
+    assert r.wall_s == pytest.approx(24 * T + hidden + c + 7 * c)
+    plain = run_plan(two_dc("algorithm.name=streaming", "algorithm.H=8", "algorithm.fragments=8",
+                            "algorithm.tau=0", f"train.tokens={24 * PER_STEP}", gbps=gbps))
+    assert plain.wall_s == pytest.approx(24 * T + 23 * c + 8 * c)
 
 
 def test_steady_state_leaves_out_the_start_and_the_end():

@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..optim import Nesterov
 from ..runtime.api import Algorithm
 from .parameter_server import dylu_steps, modelled_rate
+from .streaming import dag_window
 
 
 @dataclass
@@ -40,6 +41,8 @@ class DiLoCoSettings(CodecSettings):
     reset_inner_state_each_round: bool = False
     dylu: bool = False  # HALoS's "DiLoCo + DynUpd": steps per round scaled by worker speed
     dylu_rounding: str = choice("ceil", "ceil", "floor")  # ceil, as HALoS's baseline
+    # Time the sync as the papers' per-layer DAG does (streaming.dag_window; for plans)
+    layer_windows: bool = False
 
 
 class DiLoCo(Algorithm):
@@ -82,6 +85,7 @@ class DiLoCo(Algorithm):
             plan = [[h] * job.M for h in self.rounds()]
         round_tokens = [sum(h * job.tokens_per_step(m) for m, h in enumerate(steps))
                         for steps in plan]
+        slack = dag_window(job.param_names, job.depth) if cfg.layer_windows else 0.0
         first, in_model = 0, 0  # the round to start with; tokens of the averaged workers
         if ctx.rejoining:
             healed = yield ctx.heal()
@@ -106,7 +110,7 @@ class DiLoCo(Algorithm):
                 yield ctx.train(h)
             with torch.no_grad():
                 delta = [t - p for t, p in zip(theta, params)]
-            mean = yield ctx.all_reduce(delta, codec)
+            mean = yield ctx.wait(ctx.start_all_reduce(delta, codec), slack)
             averaged = ctx.participants()
             in_model += sum(plan[r][m] * job.tokens_per_step(m) for m in averaged)
             outer.step(theta, mean)

@@ -64,7 +64,28 @@ class StreamingSettings(CodecSettings):
     tau: int = 1  # inner steps a fragment's all-reduce overlaps; tau < H / (fragments synced)
     alpha: float = 0.5  # merge: local = alpha * local + (1 - alpha) * global
     tau_anchor: str = choice("send", "send", "merge")
+    # Time a fragment's sync as the papers' per-layer DAG does (docs/planner.md): it may
+    # start when the last backward pass has finished its top block and must end when the
+    # next forward pass reaches its bottom block. Timing only (the simulator's); the same
+    # arithmetic.
+    layer_windows: bool = False
     reset_inner_state_each_round: bool = False
+
+
+def dag_window(names: list[str], depth: int) -> float:
+    """How far past the step boundary an all-reduce of these parameters can reach, in steps,
+    in the per-layer DAG of the Streaming DiLoCo and eager-updates papers' simulator (specs
+    section 12). Backward (2/3 of a step) runs top down, so block b of L has its gradient
+    final with b / L of it left: the sync can start (2/3) x_top before the boundary; forward
+    (1/3) reaches block b at b / L of it: the sync must be done (1/3) x_bottom after. The
+    embedding is at the bottom (0), the head at the top (1). In a loaded link the bytes
+    cross in that window, whatever their order. A timing model only: the simulator's wait
+    slack (api.Context.wait); the arithmetic is the same."""
+    xs = []
+    for n in names:
+        m = _BLOCK.match(n)
+        xs.append(int(m.group(1)) / depth if m else (0.0 if n == "wte" else 1.0))
+    return (2 * max(xs) + min(xs)) / 3
 
 
 def default_fragments(depth: int) -> int:
@@ -145,6 +166,8 @@ class StreamingDiLoCo(Algorithm):
                     f"{cfg.embeddings}): " + "; ".join(parts))
             ctx.publish([theta[n] for n in job.param_names], 0, 0)
 
+        slack = [dag_window(f, job.depth) if cfg.layer_windows else 0.0 for f in frags]
+
         def send(p):
             with torch.no_grad():
                 delta = [(theta[n] - phi[n]) * scale if scale != 1.0 else theta[n] - phi[n]
@@ -152,7 +175,7 @@ class StreamingDiLoCo(Algorithm):
             return ctx.start_all_reduce(delta, codec)  # the runtime snapshots the payload
 
         def receive(p, handle, step):
-            mean = yield ctx.wait(handle)
+            mean = yield ctx.wait(handle, slack[p])
             outer[p].step([theta[n] for n in frags[p]], mean)
             with torch.no_grad():  # in place, so the inner optimizer keeps these tensors
                 for n in frags[p]:

@@ -66,6 +66,7 @@ class Apply:
 @dataclass
 class Wait:
     handle: "Handle"
+    slack: float = 0.0  # inner steps of compute that may run before the result is needed
 
 
 @dataclass
@@ -191,8 +192,16 @@ class Context(ABC):
         communicator per group on every rank); algorithms with servers declare their groups
         up front in `Algorithm.groups()` instead."""
 
-    def wait(self, handle: Handle) -> Wait:
-        return Wait(handle)
+    def wait(self, handle: Handle, slack: float = 0.0) -> Wait:
+        """The handle's result. `slack` (a fraction of this worker's inner step) says the
+        result is needed only that far into the worker's next compute: the layers an
+        all-reduce carries are reached part-way through the next forward pass, and their
+        gradients were final part-way through the last backward pass (the per-layer DAG of
+        the Streaming DiLoCo and eager-updates papers' simulator, specs section 12). The
+        simulator lets the worker compute that long before it blocks, and takes it off the
+        worker's next compute; the real runtime, whose steps are not split by layer, waits
+        at once."""
+        return Wait(handle, slack)
 
     @abstractmethod
     def send(self, dst: str, tensors: Tensors, codec: Codec, meta: dict | None = None) -> Handle:

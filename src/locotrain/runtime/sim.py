@@ -79,6 +79,10 @@ class _Proc:
     shared: tuple | None = None  # (tensors, meta) last offered to a worker that heals
     participants: tuple = ()  # the workers its last completed all-reduce averaged
     uncommitted: int = 0  # tokens trained since its last completed all-reduce
+    # api.Context.wait's slack: seconds of the next compute it may do while it waits, and the
+    # seconds of it done so far (taken off its next compute span)
+    wait_slack: float = 0.0
+    ahead: float = 0.0
 
     def span(self, kind: str, start: float, end: float) -> None:
         if end <= start:
@@ -322,6 +326,8 @@ class SimRuntime:
                     value = op.handle.result
                     continue
                 proc.waiting, proc.wait_start = op.handle, self.time
+                if op.slack > 0 and proc.worker is not None:
+                    proc.wait_slack = op.slack * self.step_times[proc.worker.index]
                 op.handle.state["waiter"] = proc
                 return
             if isinstance(op, Recv):
@@ -347,6 +353,8 @@ class SimRuntime:
                                * job.batch / proc.worker.batch_size)
         if self.cluster.cfg.jitter > 0:
             seconds *= max(0.1, 1.0 + self.cluster.cfg.jitter * self._jitter[w].gauss(0.0, 1.0))
+        if proc.ahead:  # done while it waited on a result it needed only part-way in
+            seconds, proc.ahead = max(0.0, seconds - proc.ahead), 0.0
         end, lost = self.cluster.compute_span(w, self.time, seconds)
         self.tokens_lost += lost * job.steps * job.tokens_per_step  # redone after a restart
         proc.span("compute", self.time, end)
@@ -528,6 +536,7 @@ class SimRuntime:
             self._leave_quorum(proc)
         proc.done = restart_at is None
         proc.job, proc.waiting = None, None
+        proc.wait_slack = proc.ahead = 0.0
         proc.mailbox.clear()
         again = f"; it restarts at t={restart_at:.2f}s" if restart_at is not None else ""
         self.recorder.log(f"[t={self.time:.2f}s {proc.name}] crashed{again}")
@@ -681,9 +690,16 @@ class SimRuntime:
 
     def _resume(self, proc: _Proc, value, ready_at: float) -> None:
         """Wake a waiting process. Until `ready_at` it waited on other processes (idle); after
-        that, on the network (blocked)."""
-        split = min(max(proc.wait_start, ready_at), self.time)
-        proc.span("idle", proc.wait_start, split)
+        that, on the network (blocked). A wait with slack (api.Context.wait) computed first,
+        for as long as its slack allows."""
+        start = proc.wait_start
+        if proc.wait_slack:
+            worked = min(self.time - start, max(0.0, proc.wait_slack - proc.ahead))
+            proc.span("compute", start, start + worked)
+            proc.ahead += worked
+            proc.wait_slack, start = 0.0, start + worked
+        split = min(max(start, ready_at), self.time)
+        proc.span("idle", start, split)
         proc.span("blocked", split, self.time)
         proc.waiting = None
         self._schedule(self.time, proc, value)
