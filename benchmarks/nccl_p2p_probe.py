@@ -52,7 +52,7 @@ DEFAULT = "prefetch-cold,prefetch-warm,batched,gloo-staged"
 
 
 def rank_main(variant: str, job_file: str, result_file: str) -> int:
-    from locotrain.pipeline.distributed import DTYPES, _Inbox, _Wire
+    from locotrain.pipeline.stage_process import DTYPES, _Inbox, _Wire
     from locotrain.pipeline.timeline import Pipeline, simulate
     from locotrain.runtime.launch import die_with_launcher
 
