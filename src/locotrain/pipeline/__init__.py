@@ -7,10 +7,10 @@
   simulation of a placement with the time model.
 * stages.py, inprocess.py: the char GPT cut into stages, 2BP's split backward for real, run
   in one process and checked against plain backprop.
-* distributed.py, stage_process.py, spawn.py: the same stages, one process per stage over torch.distributed
-  (gloo or NCCL), running the time model's order, measured and compared with the model.
+* distributed.py, stage_process.py, spawn.py: the same stages, one process per stage over
+  torch.distributed (gloo or NCCL), running the time model's order, measured and compared
+  with the model.
 
 Modules that need torch (stages, inprocess, distributed, stage_process, spawn) are not
-imported here, so
-`loco place` and the time model start without it.
+imported here, so `loco place` and the time model start without it.
 """
