@@ -8,6 +8,7 @@ ordered. The last test pins that op directly (short runs can start from a zero h
 embedding gradients vanish for the first steps, and so do not always show it)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -80,3 +81,31 @@ def test_the_embedding_gradient_is_repeatable_with_two_threads():
         assert len(grads) == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_threads_follow_what_other_programs_keep_busy_now(monkeypatch):
+    """train.threads = 0 takes the cores nobody else is using at the moment it starts (read
+    from /proc/stat), not the lagging load average, which still counted a run that had just
+    ended and halved the threads of the next one."""
+    import subprocess
+    import sys
+
+    from locotrain.config import load_config
+    from locotrain.run import busy_cores, choose_threads
+
+    cores = os.cpu_count() or 1
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+        time.sleep(0.3)
+        assert busy_cores(cores, interval_s=0.5) >= 0.6  # the spinner's core
+    finally:
+        spinner.kill()
+        spinner.wait()
+    cfg = load_config("quickstart", [])[1]
+    monkeypatch.setattr("locotrain.run.busy_cores", lambda cores: 0.0)
+    assert choose_threads(cfg) == cores
+    monkeypatch.setattr("locotrain.run.busy_cores", lambda cores: cores - 0.3)
+    assert choose_threads(cfg) == 1
+    cfg = load_config("quickstart", ["train.threads=3"])[1]
+    assert choose_threads(cfg) == 3
