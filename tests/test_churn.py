@@ -122,8 +122,10 @@ def test_impossible_churn_is_a_one_line_error(overrides):
     base = [o for o in ONE_REGION if not o.startswith("cluster.workers")]
     if not any(o.startswith("cluster.workers") for o in overrides):
         base.append("cluster.workers=[{region='a', count=2}]")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError) as error:
         build(tiny_config(*base, *overrides))
+    if "worker=7" in overrides[-1]:
+        assert "names worker 7, but the cluster has workers 0-1" in str(error.value)
 
 
 def test_random_schedules_are_valid_for_every_seed():

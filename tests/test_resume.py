@@ -129,6 +129,8 @@ def test_scheduled_checkpoints_change_nothing_and_resume(tmp_path):
 def test_resume_refuses_what_it_cannot_continue(tmp_path):
     with pytest.raises(UserError, match="holds no checkpoint"):
         resume(tmp_path)
+    with pytest.raises(UserError, match="there is no run folder"):
+        resume(tmp_path / "no-such-run")
     out = tmp_path / "stopped"
     events = run(tmp_path / "ref", CASES["diloco"])
     run(out, CASES["diloco"], stop_at=events // 2)

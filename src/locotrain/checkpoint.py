@@ -85,6 +85,8 @@ def load_run_state(out: Path, name: str = "state") -> tuple[dict[str, torch.Tens
     """(tensors, meta) of the run's last checkpoint; one clear error if anything is off."""
     folder = Path(out) / STATE_DIR
     meta_path = folder / f"{name}.json"
+    if not Path(out).is_dir():
+        raise UserError(f"there is no run folder '{out}'; give the folder a run wrote (its --out)")
     if not meta_path.is_file():
         raise UserError(f"'{out}' holds no checkpoint to resume from ({STATE_DIR}/{meta_path.name}); "
                         "simulated runs write one when interrupted or every "

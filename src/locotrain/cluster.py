@@ -338,9 +338,12 @@ class Cluster:
         worker can only come after its restart."""
         crashes = []
         for spec in c.crashes:
-            if not 0 <= spec.worker < len(self.workers) or spec.at_s < 0 or spec.notice_s < 0:
-                raise UserError("a cluster.crashes entry needs a valid worker index, at_s >= 0 "
-                                "and notice_s >= 0")
+            if not 0 <= spec.worker < len(self.workers):
+                raise UserError(f"cluster.crashes names worker {spec.worker}, but the cluster has "
+                                f"workers 0-{len(self.workers) - 1}; use one of those")
+            if spec.at_s < 0 or spec.notice_s < 0:
+                raise UserError(f"cluster.crashes of worker {spec.worker}: at_s and notice_s must "
+                                f"be >= 0, got {spec.at_s:g} and {spec.notice_s:g}")
             back = spec.at_s + spec.restart_after_s if spec.restart_after_s >= 0 else None
             crashes.append((spec.worker, spec.at_s, back))
         f = c.failures
