@@ -300,3 +300,11 @@ def test_run_files_are_readable_by_others_as_the_umask_allows(tmp_path):
         assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_compare_names_the_variant_that_cannot_run(tmp_path, capsys):
+    """Several variants share the flags; the one whose settings do not fit is named."""
+    one_error_line(capsys, ["compare", "--algorithms", "ddp,diloco+H=4,eager+H=5000",
+                            "--quiet", "--out", str(tmp_path / "c"), *sets()],
+                   "variant 'eager+H=5000': algorithm.H = 5000")
+    assert not (tmp_path / "c").exists()  # checked before anything ran

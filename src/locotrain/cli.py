@@ -84,8 +84,11 @@ def cmd_compare(args) -> None:
     configs = {}
     for spec in variants:  # check every configuration before training any
         _, changes = parse_variant(spec)
-        _, c = load_config(args.config, list(args.set) + changes)
-        build(c)
+        try:
+            _, c = load_config(args.config, list(args.set) + changes)
+            build(c)
+        except UserError as e:  # which variant, when several are compared
+            raise UserError(f"variant '{spec}': {e}") from None
         configs[spec] = c
     out = Path(args.out) if args.out else _default_out(name, "compare")
     if (out / "comparison.md").exists() and not args.force:
