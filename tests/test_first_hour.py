@@ -308,3 +308,15 @@ def test_compare_names_the_variant_that_cannot_run(tmp_path, capsys):
                             "--quiet", "--out", str(tmp_path / "c"), *sets()],
                    "variant 'eager+H=5000': algorithm.H = 5000")
     assert not (tmp_path / "c").exists()  # checked before anything ran
+
+
+def test_command_line_mistakes_are_one_line_too(capsys):
+    for argv, fragment in [(["run", "quickstart", "train.tokens=1000"], "goes after --set"),
+                           (["runn"], "invalid choice: 'runn'"),
+                           (["plan", "--quiet"], "unrecognized arguments: --quiet")]:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert stop.value.code == 2 and len(lines) == 1, err
+        assert lines[0].startswith("loco: error: ") and fragment in lines[0], lines[0]

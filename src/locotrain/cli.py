@@ -257,9 +257,20 @@ def cmd_list(args) -> None:
         print(f"  {name:<18} {text}")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Command-line mistakes in one line, like every other bad input (argparse would print
+    its whole usage first); its subcommands' parsers are of this class too."""
+
+    def error(self, message):
+        hint = ""
+        if "unrecognized arguments" in message and "=" in message and "--set" not in message:
+            hint = "; a setting goes after --set, e.g. --set train.tokens=1000000"
+        self.exit(2, f"{self.prog}: error: {message}{hint} (see `{self.prog} --help`)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="loco", description="Train language models across "
-                                     "unequal hardware joined by slow networks (simulated).")
+    parser = _OneLineParser(prog="loco", description="Train language models across "
+                            "unequal hardware joined by slow networks (simulated).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
