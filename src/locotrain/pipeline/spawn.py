@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..runtime.launch import LAUNCHER_ENV
+from ..runtime.launch import LAUNCHER_ENV, stop_children
 from .distributed import Job, check_job
 
 
@@ -80,7 +79,7 @@ def spawn(job: Job, nproc: int | None = None, *, timeout_s: float = 600.0,
                         start_new_session=True))
                 failed, timed_out = _wait(procs, timeout_s, grace_s)
             finally:
-                _stop(procs)
+                stop_children(procs, grace_s=3.0)
                 del store
         if failed is not None:
             r, code = failed
@@ -114,28 +113,6 @@ def _wait(procs: list[subprocess.Popen], timeout_s: float, grace_s: float):
         if now > deadline:
             return failed, True
         time.sleep(0.05)
-
-
-def _stop(procs: list[subprocess.Popen], grace_s: float = 3.0) -> None:
-    """SIGTERM every rank still running (its whole session), SIGKILL what is left later; reap
-    them all."""
-    alive = [p for p in procs if p.poll() is None]
-    for p in alive:
-        _signal(p, signal.SIGTERM)
-    end = time.monotonic() + grace_s
-    for p in alive:
-        try:
-            p.wait(max(0.0, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _signal(p, signal.SIGKILL)
-            p.wait()
-
-
-def _signal(p: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(p.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _last_line(path: Path) -> str:

@@ -132,7 +132,7 @@ def launch(cfg, out: Path, procs: list, workers: int, synchronous: bool, nproc: 
     finally:
         for s in previous:  # a late signal must not interrupt the cleanup
             signal.signal(s, signal.SIG_IGN)
-        _stop(children, grace)
+        stop_children(children, grace)
         for s, handler in previous.items():
             signal.signal(s, handler)
         del store
@@ -166,11 +166,11 @@ def _wait(children: list[subprocess.Popen], procs, give_up_s: float | None) -> N
             for r in left:
                 why[r] = (f"was still running {give_up_s:g} s after {failed_at[1]} failed, "
                           "which a synchronous run cannot finish without; stopped it")
-            _stop([children[r] for r in left])
+            stop_children([children[r] for r in left])
         time.sleep(0.1)
 
 
-def _stop(children: list[subprocess.Popen], grace_s: float = _GRACE_S) -> None:
+def stop_children(children: list[subprocess.Popen], grace_s: float = _GRACE_S) -> None:
     """Terminate, then kill `grace_s` later, every child still running (and its process
     group)."""
     alive = [c for c in children if c.poll() is None]
