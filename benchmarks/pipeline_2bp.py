@@ -16,6 +16,11 @@ processes: plain 1F1B; 1F1B + 2BP with every p2 at the end of the step; 1F1B + 2
 filling the waits where the time model, fed the measured times of the previous run, puts them
 (the planner decides the order, the processes execute it). A step is one pipeline flush of
 m micro-batches, without an optimizer step.
+
+Step times drift during a call (the same run's steps moved from 140 to 200 ms on an H200 pair,
+2026-11-30), so `--rounds R` runs the whole list of variants R times, interleaved (plain, 2bp,
+plain, 2bp, ...): every ratio is taken within one round, and the table gives the median over
+rounds with the lowest and highest round.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -67,6 +73,8 @@ def parse(argv):
     p.add_argument("--transport", choices=("nccl", "gloo"), default="nccl",
                    help="nccl: device to device (on the cpu: gloo directly); gloo: staged "
                    "through host memory over gloo (a slow link; no NCCL on GPUs)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the list of variants this many times, interleaved (default 1)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                    help="weights and activations (default bf16 on GPUs, fp32 on the cpu)")
     a = p.parse_args(argv)
@@ -85,19 +93,54 @@ def parse(argv):
 
 
 def runs_for(args) -> list[Run]:
+    """Every schedule x variant, `rounds` times; round r > 1's names end in '.rR'."""
+    if args.rounds < 1:
+        raise UserError(f"--rounds must be at least 1, got {args.rounds}")
     runs = []
-    for schedule in args.schedules.split(","):
-        done_end = None
-        for v in args.variants.split(","):
-            if v not in VARIANTS:
-                raise UserError(f"unknown variant '{v}'; known: {', '.join(VARIANTS)}")
-            name = f"{schedule}-{v}"
-            kw = dict(VARIANTS[v])
-            if v == "2bp-fill":  # ordered by the model fed the 2BP-end run's measured times
-                kw["plan_from"] = done_end
-            runs.append(Run(name, schedule, steps=args.steps, warmup=args.warmup, **kw))
-            done_end = name if v == "2bp-end" else done_end
+    for r in range(1, args.rounds + 1):
+        tag = "" if r == 1 else f".r{r}"
+        for schedule in args.schedules.split(","):
+            done_end = None
+            for v in args.variants.split(","):
+                if v not in VARIANTS:
+                    raise UserError(f"unknown variant '{v}'; known: {', '.join(VARIANTS)}")
+                name = f"{schedule}-{v}{tag}"
+                kw = dict(VARIANTS[v])
+                if v == "2bp-fill":  # ordered by the model fed this round's 2BP-end times
+                    kw["plan_from"] = done_end
+                runs.append(Run(name, schedule, steps=args.steps, warmup=args.warmup, **kw))
+                done_end = name if v == "2bp-end" else done_end
     return runs
+
+
+def summarise(runs: dict) -> dict:
+    """Per variant over its rounds: the median of the rounds' step times and predictions, and
+    the median, lowest and highest of the within-round ratios to plain of the same schedule."""
+    rounds: dict[str, list[str]] = {}
+    for name in runs:
+        rounds.setdefault(name.split(".r")[0], []).append(name)
+    out = {}
+    for base, names in rounds.items():
+        rs = [runs[n] for n in names]
+        step = statistics.median(r["step_ms"] for r in rs)
+        pred = statistics.median(r["predicted_step_ms"] for r in rs)
+        ratios = []
+        for n, r in zip(names, rs):
+            plain = runs.get(n.replace(base, f"{r['schedule']}-plain", 1))
+            if r["mode"] != "plain" and plain:
+                ratios.append(plain["step_ms"] / r["step_ms"])  # = tokens/s over plain's
+        out[base] = {"rounds": len(rs), "step_ms": step, "predicted_step_ms": pred,
+                     "prediction_rel_error": pred / step - 1.0,
+                     "prediction_rel_errors": [r["prediction_rel_error"] for r in rs],
+                     "tokens_per_s": rs[0]["tokens_per_s"] * rs[0]["step_ms"] / step,
+                     "ratio_over_plain": statistics.median(ratios) if ratios else None,
+                     "ratios_over_plain": ratios,
+                     "peak_memory_bytes": [max(st["peak_memory_bytes"] or st["state_bytes"]
+                                               for st in (r["stages"][k] for r in rs))
+                                           for k in range(len(rs[0]["stages"]))],
+                     "memory_unit": "GiB" if rs[0]["stages"][0]["peak_memory_bytes"]
+                     else "MiB saved"}
+    return out
 
 
 def model_result(spec: Backbone, job: Job, report: dict) -> dict:
@@ -132,22 +175,25 @@ def model_result(spec: Backbone, job: Job, report: dict) -> dict:
             "micro_batch": job.micro_batch, "tokens_per_step": job.tokens_per_step,
             "dtype": job.dtype, "message_bytes": report["message_bytes"],
             "link_one_way_ms": [t * ms for t in report["link_one_way_s"]],
-            "runs": runs, "throughput_ratio_over_plain": ratios}
+            "runs": runs, "throughput_ratio_over_plain": ratios, "summary": summarise(runs)}
 
 
 def table(models: list[dict]) -> str:
-    rows = [(f"{'model':>7} {'run':<20} {'tokens/s':>11} {'vs plain':>8} {'step ms':>8} "
-             f"{'model ms':>8} {'error':>7}  peak memory per stage")]
+    """One row per variant: medians over its rounds; 'rounds' gives the ratio's range."""
+    rows = [(f"{'model':>7} {'run':<16} {'tokens/s':>11} {'vs plain':>8} {'rounds':>13} "
+             f"{'step ms':>8} {'model ms':>8} {'error':>7}  peak memory per stage")]
     for m in models:
-        for name, r in m["runs"].items():
-            mem = [st["peak_memory_bytes"] or st["state_bytes"] for st in r["stages"]]
-            unit = "GiB" if r["stages"][0]["peak_memory_bytes"] else "MiB saved"
-            scale = 2**30 if unit == "GiB" else 2**20
-            ratio = m["throughput_ratio_over_plain"].get(name)
-            rows.append(f"{m['model']:>7} {name:<20} {r['tokens_per_s']:>11,.0f} "
-                        f"{'' if ratio is None else f'{ratio:.3f}':>8} {r['step_ms']:>8.2f} "
-                        f"{r['predicted_step_ms']:>8.2f} {r['prediction_rel_error']:>+7.1%}  "
-                        + " ".join(f"{b / scale:.2f}" for b in mem) + f" {unit}")
+        for name, r in m["summary"].items():
+            scale = 2**30 if r["memory_unit"] == "GiB" else 2**20
+            ratio, span = r["ratio_over_plain"], ""
+            if ratio is not None and len(r["ratios_over_plain"]) > 1:
+                span = f"{min(r['ratios_over_plain']):.2f}-{max(r['ratios_over_plain']):.2f}"
+            rows.append(f"{m['model']:>7} {name:<16} {r['tokens_per_s']:>11,.0f} "
+                        f"{'' if ratio is None else f'{ratio:.3f}':>8} {span:>13} "
+                        f"{r['step_ms']:>8.2f} {r['predicted_step_ms']:>8.2f} "
+                        f"{r['prediction_rel_error']:>+7.1%}  "
+                        + " ".join(f"{b / scale:.2f}" for b in r["peak_memory_bytes"])
+                        + f" {r['memory_unit']}")
     return "\n".join(rows)
 
 

@@ -9,6 +9,7 @@
 # async-tuned on one GPU and halos,diffusion on another, or async-tuned alone.
 #
 #   experiments/fidelity.sh OUTDIR CORPUS PART[,PART...] [extra --set arguments...]
+#   ONLY="c4_naive_half c5_diloco" experiments/fidelity.sh ...   just those sweeps of the parts
 #
 # PART scaling  claim 1 (Charles et al., arXiv 2503.09799): DiLoCo at M = 1, 2, 4, 8 against
 #               data-parallel at equal tokens and equal global batch (64 sequences: each of
@@ -24,6 +25,10 @@
 #               against DiLoCo at the same H; the eager-updates ladder (DiLoCo, a one-step
 #               overlap = Streaming with one fragment and tau = 1, eager, naive delayed) at
 #               H = 15 and 60, outer momentum 0 and 0.5.
+# PART overlap-seeds  the spread of claims 2 and 3 (PART overlap has seed 0 only): Streaming
+#               fp32 and fp4 at tau 1, alpha 0.5, seeds 1 and 2, and their DiLoCo (M = 4, H = 10,
+#               outer 0.7 / 0.5) seeds 0-2; the ladder at outer momentum 0, H = 15 and 60, seeds
+#               1 and 2 (with data-parallel).
 # PART async-tuned  claim 4 with the server's outer optimizer tuned, M = 4 x 16, inner lr 4e-3,
 #               H = 10, on equal speeds and with two of the four workers at half speed (DyLU:
 #               they run 5 steps per task): delayed Nesterov, outer lr 0.7 / 1.0 / 1.4 x
@@ -77,13 +82,16 @@ hetero=(--set cluster.preset=custom --set "cluster.regions=['dc0', 'dc1']"
 
 sweep() {  # name, then loco sweep arguments; the log ends with when the sweep finished
   local name=$1; shift
+  # ONLY="name name ..." runs just those sweeps of the parts asked for (a rerun of some cells)
+  [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]] && return 0
   ( python -m locotrain sweep quickstart --quiet --force --out "$out/$name" "${common[@]}" "$@"
     echo "exit code $?, finished ${SECONDS} s after the script started" ) > "$out/$name.log" 2>&1 &
 }
 
 for p in ${part//,/ }; do  # every part's name checked before anything starts
-  case $p in scaling|scaling-lr|seeds|async|overlap|async-tuned|halos|diffusion) ;;
-  *) echo "PART is scaling, scaling-lr, seeds, async, overlap, async-tuned, halos or diffusion" \
+  case $p in scaling|scaling-lr|seeds|async|overlap|overlap-seeds|async-tuned|halos|diffusion) ;;
+  *) echo "PART is scaling, scaling-lr, seeds, async, overlap, overlap-seeds, async-tuned, halos" \
+          "or diffusion" \
           "(or several, comma-separated), got '$p'" >&2; exit 2 ;;
   esac
 done
@@ -147,6 +155,26 @@ overlap)
       --grid algorithm.H=15,60 --grid algorithm.outer_momentum=0,0.5
   sweep ladder_ddp --set algorithm.name=ddp --set cluster.size=2 --set train.batch_size=32 \
       --grid train.seed=0 ;;
+overlap-seeds)  # claims 2 and 3 again with more seeds (see the header)
+  sweep streaming_seeds --set algorithm.name=streaming --set algorithm.H=10 --set cluster.size=4 \
+      --set train.batch_size=16 --set algorithm.fragments=2 --set algorithm.outer_lr=0.7 \
+      --set algorithm.outer_momentum=0.5 --set algorithm.tau=1 --set algorithm.alpha=0.5 \
+      --grid algorithm.codec=fp32,fp4 --set train.seed=1 --seeds 2
+  sweep streaming_seeds_diloco --set algorithm.name=diloco --set algorithm.H=10 \
+      --set cluster.size=4 --set train.batch_size=16 --set algorithm.outer_lr=0.7 \
+      --set algorithm.outer_momentum=0.5 --seeds 3
+  for a in diloco eager; do
+    extra=(); [[ $a == eager ]] && extra=(--grid algorithm.mode=eager,naive)
+    sweep ladder_seeds_$a --set algorithm.name=$a --set cluster.size=2 --set train.batch_size=32 \
+        --set algorithm.outer_lr=0.7 --set algorithm.outer_momentum=0 --grid algorithm.H=15,60 \
+        "${extra[@]}" --set train.seed=1 --seeds 2
+  done
+  sweep ladder_seeds_overlap1 --set algorithm.name=streaming --set cluster.size=2 \
+      --set train.batch_size=32 --set algorithm.fragments=1 --set algorithm.tau=1 \
+      --set algorithm.alpha=0 --set algorithm.outer_lr=0.7 --set algorithm.outer_momentum=0 \
+      --grid algorithm.H=15,60 --set train.seed=1 --seeds 2
+  sweep ladder_seeds_ddp --set algorithm.name=ddp --set cluster.size=2 --set train.batch_size=32 \
+      --set train.seed=1 --seeds 2 ;;
 async-tuned)  # claim 4 with the server's outer lr and momentum swept (see the header)
   for speeds in equal half; do
     extra=(); [[ $speeds == half ]] && extra=("${hetero[@]}")

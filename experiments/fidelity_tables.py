@@ -128,6 +128,38 @@ def overlap(all_runs: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def overlap_label(run: dict) -> str:
+    """Claims 2 and 3's configuration of a run, without its seed."""
+    name, M = run["cfg"]["algorithm"]["name"], run["cfg"]["cluster"]["size"]
+    H, mom = setting(run, "H"), setting(run, "outer_momentum")
+    if name == "ddp":
+        return f"M = {M}: data-parallel"
+    where = f"M = {M}, H = {H}, outer momentum {mom}: "
+    if name == "diloco":
+        return where + "DiLoCo"
+    if name == "eager":
+        return where + ("eager" if setting(run, "mode") == "eager" else "naive delayed")
+    if setting(run, "fragments") == 1 and setting(run, "tau") == 1 and setting(run, "alpha") == 0:
+        return where + "one-step overlap"
+    return where + (f"Streaming {setting(run, 'codec')}, tau {setting(run, 'tau')}, "
+                    f"alpha {setting(run, 'alpha')}")
+
+
+def overlap_seeds(all_runs: list[dict]) -> str:
+    """The configurations of claims 2 and 3 run with more than one seed: mean +- std (n),
+    every seed of PART overlap and PART overlap-seeds together."""
+    groups: dict[str, list[dict]] = {}
+    for r in all_runs:
+        if r["sweep"].startswith(("streaming", "ladder")):
+            groups.setdefault(overlap_label(r), []).append(r)
+    out = ["| configuration | final bpc | seeds |", "|---|---|---|"]
+    for label, rs in sorted(groups.items()):
+        if len(rs) > 1:
+            out.append(f"| {label} | {spread(rs)} | "
+                       f"{', '.join(str(seed(r)) for r in sorted(rs, key=seed))} |")
+    return "\n".join(out) + "\n"
+
+
 def figure(best: dict, path: Path, size: str = "") -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -573,6 +605,7 @@ def main() -> None:
         print("## Seeds\n\n" + seeds(all_runs, Path(args.img) if args.img else None))
     if any(r["sweep"].startswith(("streaming", "ladder")) for r in all_runs):
         print("## Claims 2 and 3\n\n" + overlap(all_runs))
+        print("## Claims 2 and 3 over seeds\n\n" + overlap_seeds(all_runs))
     img = Path(args.img) if args.img else None
     if img is not None:
         img.mkdir(parents=True, exist_ok=True)

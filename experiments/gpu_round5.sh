@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Device calls of 2 H200s (2026-11-30), results under $OUT:
+#   bash experiments/gpu_round5.sh fidelity   the three fidelity sweeps that ran out of memory in
+#                                             gpu_round4.sh, split over the two GPUs
+#   bash experiments/gpu_round5.sh fidelity-seeds   claims 2 and 3 with seeds 1 and 2
+#   bash experiments/gpu_round5.sh pipeline   2BP against plain 1F1B again, after the fix of the
+#                                             stash path's leak (benchmarks/pipeline_2bp.py)
+#   bash experiments/gpu_round5.sh pipeline-shapes   the same at other shapes and over gloo
+#   bash experiments/gpu_round5.sh pipeline-rounds   those shapes again, 3 interleaved rounds each
+#   bash experiments/gpu_round5.sh pipeline-wide     a wide model (8 x 2048), 3 interleaved rounds
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1
+S=$SECONDS
+case $1 in
+fidelity)
+  ONLY="c4_naive_half c4_seeds_half" CUDA_VISIBLE_DEVICES=0 timeout 540 \
+      bash experiments/fidelity.sh /tmp/fid .corpus/linuxdocs.txt async-tuned > $OUT/fid0.log 2>&1 &
+  ONLY="c5_diloco" CUDA_VISIBLE_DEVICES=1 timeout 540 \
+      bash experiments/fidelity.sh /tmp/fid .corpus/linuxdocs.txt halos > $OUT/fid1.log 2>&1 &
+  wait
+  echo "fidelity done at $((SECONDS-S))s"
+  (cd /tmp && find fid \( -name config.toml -o -name summary.json -o -name metrics.jsonl \
+      -o -name '*.md' -o -name '*.log' \) | tar czf $OUT/fid.tgz -T -)
+  tail -n 3 /tmp/fid/*.log ;;
+fidelity-seeds)  # claims 2 and 3's spread (fidelity.sh's PART overlap-seeds), split over the GPUs
+  ONLY="streaming_seeds streaming_seeds_diloco ladder_seeds_ddp" CUDA_VISIBLE_DEVICES=0 timeout 540 \
+      bash experiments/fidelity.sh /tmp/fid .corpus/linuxdocs.txt overlap-seeds > $OUT/fid0.log 2>&1 &
+  ONLY="ladder_seeds_diloco ladder_seeds_eager ladder_seeds_overlap1" CUDA_VISIBLE_DEVICES=1 \
+      timeout 540 bash experiments/fidelity.sh /tmp/fid .corpus/linuxdocs.txt overlap-seeds \
+      > $OUT/fid1.log 2>&1 &
+  wait
+  echo "fidelity-seeds done at $((SECONDS-S))s"
+  (cd /tmp && find fid \( -name config.toml -o -name summary.json -o -name metrics.jsonl \
+      -o -name '*.md' -o -name '*.log' \) | tar czf $OUT/fid.tgz -T -)
+  tail -n 3 /tmp/fid/*.log ;;
+pipeline)
+  timeout 260 python benchmarks/pipeline_2bp.py --models 6x384 --json $OUT/pipeline_2bp_6x384.json \
+      > $OUT/pipeline_2bp_6x384.log 2>&1
+  echo "6x384 rc=$? at $((SECONDS-S))s"
+  timeout $((570 - (SECONDS-S))) python benchmarks/pipeline_2bp.py --models 24x384 \
+      --json $OUT/pipeline_2bp_24x384.json > $OUT/pipeline_2bp_24x384.log 2>&1
+  echo "24x384 rc=$? at $((SECONDS-S))s"
+  tail -n 20 $OUT/pipeline_2bp_*.log ;;
+pipeline-shapes)  # where 2BP could pay: fewer micro-batches (a larger bubble), larger kernels,
+  # and the host-staged gloo link (messages cost more)
+  run() { local name=$1; shift
+    timeout 150 python benchmarks/pipeline_2bp.py --json $OUT/pipeline_2bp_$name.json "$@" \
+        > $OUT/pipeline_2bp_$name.log 2>&1; echo "$name rc=$? at $((SECONDS-S))s"; }
+  run 24x384_m4_b64 --models 24x384 -m 4 --micro-batch 64 --schedules 1f1b,gpipe
+  run 24x384_m2_b64 --models 24x384 -m 2 --micro-batch 64
+  run 24x384_gloo --models 24x384 --transport gloo
+  run 6x384_gloo --models 6x384 --transport gloo
+  grep -h -A4 "model run" $OUT/pipeline_2bp_*_*.log ;;
+pipeline-rounds)  # the same shapes, every list of variants 3 times interleaved (step times
+  # drifted by up to 40% within one run above)
+  run() { local name=$1; shift
+    timeout 200 python benchmarks/pipeline_2bp.py --rounds 3 --json $OUT/rounds_$name.json "$@" \
+        > $OUT/rounds_$name.log 2>&1; echo "$name rc=$? at $((SECONDS-S))s"; }
+  run 6x384 --models 6x384
+  run 24x384_m4_b64 --models 24x384 -m 4 --micro-batch 64
+  run 24x384_m2_b64 --models 24x384 -m 2 --micro-batch 64
+  run 24x384 --models 24x384
+  run 24x384_gloo --models 24x384 --transport gloo
+  grep -h -A4 "model run" $OUT/rounds_*.log ;;
+pipeline-wide)  # kernels large enough to leave the host-bound regime: 8 x 2048 (403M parameters)
+  run() { local name=$1; shift
+    timeout 250 python benchmarks/pipeline_2bp.py --rounds 3 --json $OUT/rounds_$name.json "$@" \
+        > $OUT/rounds_$name.log 2>&1; echo "$name rc=$? at $((SECONDS-S))s"; }
+  run 8x2048_m4_b16 --models 8x2048 -m 4 --micro-batch 16
+  run 8x2048_m8_b16 --models 8x2048 -m 8 --micro-batch 16
+  grep -h -A4 "model run" $OUT/rounds_*.log ;;
+*) echo "usage: bash experiments/gpu_round5.sh fidelity|fidelity-seeds|pipeline|pipeline-shapes|pipeline-rounds|pipeline-wide" >&2
+   exit 2 ;;
+esac
