@@ -29,6 +29,11 @@
 #               fp32 and fp4 at tau 1, alpha 0.5, seeds 1 and 2, and their DiLoCo (M = 4, H = 10,
 #               outer 0.7 / 0.5) seeds 0-2; the ladder at outer momentum 0, H = 15 and 60, seeds
 #               1 and 2 (with data-parallel).
+# PART overlap-tuned  claims 2 and 3 with each method's outer optimizer swept, seed 0: fp4
+#               Streaming (M = 4, H = 10, tau 1, alpha 0.5) over outer lr 0.5 / 0.7 / 1.0 x
+#               momentum 0 / 0.5 / 0.9, the grid DiLoCo had in PART scaling (its M = 4 cells are
+#               DiLoCo's reference); the ladder at M = 2, H = 15 (DiLoCo, eager, naive delayed,
+#               the one-step overlap) over outer lr 0.7 / 1.0 x momentum 0 / 0.5.
 # PART async-tuned  claim 4 with the server's outer optimizer tuned, M = 4 x 16, inner lr 4e-3,
 #               H = 10, on equal speeds and with two of the four workers at half speed (DyLU:
 #               they run 5 steps per task): delayed Nesterov, outer lr 0.7 / 1.0 / 1.4 x
@@ -89,8 +94,9 @@ sweep() {  # name, then loco sweep arguments; the log ends with when the sweep f
 }
 
 for p in ${part//,/ }; do  # every part's name checked before anything starts
-  case $p in scaling|scaling-lr|seeds|async|overlap|overlap-seeds|async-tuned|halos|diffusion) ;;
-  *) echo "PART is scaling, scaling-lr, seeds, async, overlap, overlap-seeds, async-tuned, halos" \
+  case $p in scaling|scaling-lr|seeds|async|overlap|overlap-seeds|overlap-tuned|async-tuned|halos|diffusion) ;;
+  *) echo "PART is scaling, scaling-lr, seeds, async, overlap, overlap-seeds, overlap-tuned," \
+          "async-tuned, halos" \
           "or diffusion" \
           "(or several, comma-separated), got '$p'" >&2; exit 2 ;;
   esac
@@ -175,6 +181,21 @@ overlap-seeds)  # claims 2 and 3 again with more seeds (see the header)
       --grid algorithm.H=15,60 --set train.seed=1 --seeds 2
   sweep ladder_seeds_ddp --set algorithm.name=ddp --set cluster.size=2 --set train.batch_size=32 \
       --set train.seed=1 --seeds 2 ;;
+overlap-tuned)  # claims 2 and 3 with each method's outer optimizer swept (see the header)
+  sweep tuned_streaming_fp4 --set algorithm.name=streaming --set algorithm.H=10 \
+      --set cluster.size=4 --set train.batch_size=16 --set algorithm.fragments=2 \
+      --set algorithm.codec=fp4 --set algorithm.tau=1 --set algorithm.alpha=0.5 \
+      --grid algorithm.outer_lr=0.5,0.7,1.0 --grid algorithm.outer_momentum=0,0.5,0.9
+  for a in diloco eager overlap1; do
+    case $a in
+      diloco) alg=(--set algorithm.name=diloco) ;;
+      eager) alg=(--set algorithm.name=eager --grid algorithm.mode=eager,naive) ;;
+      overlap1) alg=(--set algorithm.name=streaming --set algorithm.fragments=1
+                     --set algorithm.tau=1 --set algorithm.alpha=0) ;;
+    esac
+    sweep tuned_ladder_$a "${alg[@]}" --set cluster.size=2 --set train.batch_size=32 \
+        --set algorithm.H=15 --grid algorithm.outer_lr=0.7,1.0 --grid algorithm.outer_momentum=0,0.5
+  done ;;
 async-tuned)  # claim 4 with the server's outer lr and momentum swept (see the header)
   for speeds in equal half; do
     extra=(); [[ $speeds == half ]] && extra=("${hetero[@]}")

@@ -9,7 +9,8 @@ subfolder of OUTDIR that holds sweeps of its own (claim 1 at another model size,
 OUTDIR/small_2x128 from `fidelity.sh ... scaling,scaling-lr --set model.depth=2 ...`; figure
 fidelity_scaling_<subfolder>.png), then claim 1 across the model sizes (seed 0, DiLoCo's best
 outer setting per M and inner lr against data-parallel at inner lr 4e-3 and 8e-3); claims 2 and 3, every
-variant's final bpc against its DiLoCo at the same H and outer optimizer; claim 4 with the
+variant's final bpc against its DiLoCo at the same H and outer optimizer, over seeds, and
+with each method's outer optimizer swept (`tuned_*`); claim 4 with the
 asynchronous server's outer optimizer tuned (`c4_*`, beside the defaults of `async_*` and the
 DiLoCo seeds of `seeds_diloco_M4`), on equal speeds and with half-speed workers; claim 5,
 HALoS against Async Local-SGD and DiLoCo (+ DyLU) on HALoS's cluster (`c5_*`): final bpc and
@@ -17,9 +18,9 @@ simulated time to two targets; claim 6, AR against masked diffusion with and wit
 Loopholing at equal tokens and equal training FLOPs (`c6_*`). Every configuration run with
 several seeds is reported as mean +- standard deviation (n seeds). Figures (with --img): the
 best run per M against tokens (fidelity_scaling.png), the seeds (fidelity_seeds.png), and
-for claims 4, 5 and 6 validation bpc against tokens and against simulated time, mean over
-seeds with the range shaded (fidelity_async_tuned.png, fidelity_halos.png,
-fidelity_diffusion.png).
+for claims 2 to 6 validation bpc against tokens and against simulated time, mean over
+seeds with the range shaded (fidelity_streaming.png, fidelity_eager.png,
+fidelity_async_tuned.png, fidelity_halos.png, fidelity_diffusion.png).
 """
 
 from __future__ import annotations
@@ -128,13 +129,14 @@ def overlap(all_runs: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def overlap_label(run: dict) -> str:
-    """Claims 2 and 3's configuration of a run, without its seed."""
+def overlap_label(run: dict, outer: bool = True) -> str:
+    """Claims 2 and 3's configuration of a run, without its seed (and with `outer` False,
+    without its outer momentum)."""
     name, M = run["cfg"]["algorithm"]["name"], run["cfg"]["cluster"]["size"]
     H, mom = setting(run, "H"), setting(run, "outer_momentum")
     if name == "ddp":
         return f"M = {M}: data-parallel"
-    where = f"M = {M}, H = {H}, outer momentum {mom}: "
+    where = f"M = {M}, H = {H}" + (f", outer momentum {mom}: " if outer else ": ")
     if name == "diloco":
         return where + "DiLoCo"
     if name == "eager":
@@ -145,7 +147,7 @@ def overlap_label(run: dict) -> str:
                     f"alpha {setting(run, 'alpha')}")
 
 
-def overlap_seeds(all_runs: list[dict]) -> str:
+def overlap_seeds(all_runs: list[dict], img: Path | None) -> str:
     """The configurations of claims 2 and 3 run with more than one seed: mean +- std (n),
     every seed of PART overlap and PART overlap-seeds together."""
     groups: dict[str, list[dict]] = {}
@@ -153,10 +155,45 @@ def overlap_seeds(all_runs: list[dict]) -> str:
         if r["sweep"].startswith(("streaming", "ladder")):
             groups.setdefault(overlap_label(r), []).append(r)
     out = ["| configuration | final bpc | seeds |", "|---|---|---|"]
-    for label, rs in sorted(groups.items()):
-        if len(rs) > 1:
-            out.append(f"| {label} | {spread(rs)} | "
-                       f"{', '.join(str(seed(r)) for r in sorted(rs, key=seed))} |")
+    seeded = {label: rs for label, rs in sorted(groups.items()) if len(rs) > 1}
+    for label, rs in seeded.items():
+        out.append(f"| {label} | {spread(rs)} | "
+                   f"{', '.join(str(seed(r)) for r in sorted(rs, key=seed))} |")
+    if img is not None:  # claim 2 at M = 4; claim 3 at M = 2, H = 15 dashed and 60 solid
+        curves_figure([(label.split(": ", 1)[1], rs, {}) for label, rs in seeded.items()
+                       if label.startswith("M = 4")], img / "fidelity_streaming.png",
+                      "Claim 2: Streaming DiLoCo against DiLoCo, M = 4, H = 10, outer (0.7, 0.5)",
+                      top=2.6)
+        series = []
+        for i, name in enumerate(("data-parallel", "DiLoCo", "one-step overlap", "eager",
+                                  "naive delayed")):
+            for H, ls in ((15, "--"), (60, "-")):
+                label = (f"M = 2: {name}" if name == "data-parallel" else
+                         f"M = 2, H = {H}, outer momentum 0.0: {name}")
+                if label in seeded and (H == 60 or name != "data-parallel"):
+                    short = name if name == "data-parallel" else f"{name}, H = {H}"
+                    series.append((short, seeded[label], {"color": f"C{i}", "ls": ls}))
+        curves_figure(series, img / "fidelity_eager.png",
+                      "Claim 3: the eager-updates ladder, M = 2, outer (0.7, 0)", top=2.8)
+    return "\n".join(out) + "\n"
+
+
+def overlap_tuned(all_runs: list[dict]) -> str:
+    """PART overlap-tuned: every method's final bpc over its outer (lr, momentum) grid, its
+    best cell, and the papers' default (0.7, 0.9) where the grid has it."""
+    groups: dict[str, dict] = {}
+    for r in all_runs:
+        if r["sweep"].startswith("tuned_"):
+            cell = (setting(r, "outer_lr"), setting(r, "outer_momentum"))
+            groups.setdefault(overlap_label(r, outer=False), {})[cell] = bpc(r)
+    out = ["| method | final bpc per outer (lr, momentum) | best | papers' default (0.7, 0.9) |",
+           "|---|---|---|---|"]
+    for label, cells in sorted(groups.items()):
+        best = min(cells, key=cells.get)
+        grid = ", ".join(f"({lr:g}, {m:g}): {v:.4f}" for (lr, m), v in sorted(cells.items()))
+        default = cells.get((0.7, 0.9))
+        out.append(f"| {label} | {grid} | ({best[0]:g}, {best[1]:g}): {cells[best]:.4f} | "
+                   f"{'-' if default is None else f'{default:.4f}'} |")
     return "\n".join(out) + "\n"
 
 
@@ -605,7 +642,10 @@ def main() -> None:
         print("## Seeds\n\n" + seeds(all_runs, Path(args.img) if args.img else None))
     if any(r["sweep"].startswith(("streaming", "ladder")) for r in all_runs):
         print("## Claims 2 and 3\n\n" + overlap(all_runs))
-        print("## Claims 2 and 3 over seeds\n\n" + overlap_seeds(all_runs))
+        print("## Claims 2 and 3 over seeds\n\n"
+              + overlap_seeds(all_runs, Path(args.img) if args.img else None))
+    if any(r["sweep"].startswith("tuned_") for r in all_runs):
+        print("## Claims 2 and 3, outer optimizer swept\n\n" + overlap_tuned(all_runs))
     img = Path(args.img) if args.img else None
     if img is not None:
         img.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 #   bash experiments/gpu_round5.sh fidelity   the three fidelity sweeps that ran out of memory in
 #                                             gpu_round4.sh, split over the two GPUs
 #   bash experiments/gpu_round5.sh fidelity-seeds   claims 2 and 3 with seeds 1 and 2
+#   bash experiments/gpu_round5.sh fidelity-tuned   claims 2 and 3 with the outer optimizer swept
 #   bash experiments/gpu_round5.sh pipeline   2BP against plain 1F1B again, after the fix of the
 #                                             stash path's leak (benchmarks/pipeline_2bp.py)
 #   bash experiments/gpu_round5.sh pipeline-shapes   the same at other shapes and over gloo
@@ -29,6 +30,17 @@ fidelity-seeds)  # claims 2 and 3's spread (fidelity.sh's PART overlap-seeds), s
       > $OUT/fid1.log 2>&1 &
   wait
   echo "fidelity-seeds done at $((SECONDS-S))s"
+  (cd /tmp && find fid \( -name config.toml -o -name summary.json -o -name metrics.jsonl \
+      -o -name '*.md' -o -name '*.log' \) | tar czf $OUT/fid.tgz -T -)
+  tail -n 3 /tmp/fid/*.log ;;
+fidelity-tuned)  # claims 2 and 3 with the outer optimizer swept (fidelity.sh's overlap-tuned)
+  ONLY="tuned_streaming_fp4" CUDA_VISIBLE_DEVICES=0 timeout 540 \
+      bash experiments/fidelity.sh /tmp/fid .corpus/linuxdocs.txt overlap-tuned > $OUT/fid0.log 2>&1 &
+  ONLY="tuned_ladder_diloco tuned_ladder_eager tuned_ladder_overlap1" CUDA_VISIBLE_DEVICES=1 \
+      timeout 540 bash experiments/fidelity.sh /tmp/fid .corpus/linuxdocs.txt overlap-tuned \
+      > $OUT/fid1.log 2>&1 &
+  wait
+  echo "fidelity-tuned done at $((SECONDS-S))s"
   (cd /tmp && find fid \( -name config.toml -o -name summary.json -o -name metrics.jsonl \
       -o -name '*.md' -o -name '*.log' \) | tar czf $OUT/fid.tgz -T -)
   tail -n 3 /tmp/fid/*.log ;;
@@ -68,6 +80,6 @@ pipeline-wide)  # kernels large enough to leave the host-bound regime: 8 x 2048 
   run 8x2048_m4_b16 --models 8x2048 -m 4 --micro-batch 16
   run 8x2048_m8_b16 --models 8x2048 -m 8 --micro-batch 16
   grep -h -A4 "model run" $OUT/rounds_*.log ;;
-*) echo "usage: bash experiments/gpu_round5.sh fidelity|fidelity-seeds|pipeline|pipeline-shapes|pipeline-rounds|pipeline-wide" >&2
+*) echo "usage: bash experiments/gpu_round5.sh fidelity|fidelity-seeds|fidelity-tuned|pipeline|pipeline-shapes|pipeline-rounds|pipeline-wide" >&2
    exit 2 ;;
 esac
