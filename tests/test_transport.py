@@ -139,6 +139,31 @@ def test_messages_arrive_in_order_from_anyone_and_are_counted(make):
     assert c.dead == {1}
 
 
+def test_two_peers_that_connect_to_each_other_at_once_both_get_through(make, monkeypatch):
+    """One end sends while the other's connection to it is being accepted: no message may go
+    out on an accepted connection before its handshake is done (the peer reads the welcome
+    there)."""
+    register = Transport._register
+
+    def slow_register(self, conn, inbound):  # widens the window between accept and welcome
+        register(self, conn, inbound)
+        if inbound:
+            time.sleep(0.1)
+
+    monkeypatch.setattr(Transport, "_register", slow_register)
+    for world in range(5):  # a fresh pair each time: the race is in the first connect
+        a, b = make(0, 2), make(1, 2)
+        first = a.send(1, {"to": 1}, b"x")
+        time.sleep(0.02)  # b sends while a's connection is accepted and not yet welcomed
+        sent = [first, b.send(0, {"to": 0}, b"y")]
+        assert all(e.wait(10) for e in sent)
+        got = [a.recv(5), b.recv(5)]
+        assert [(f.src, f.failed, f.header) for f in got] == [(1, False, {"to": 0}),
+                                                              (0, False, {"to": 1})]
+        a.close()
+        b.close()
+
+
 def test_no_secret_no_transport(make, monkeypatch):
     monkeypatch.delenv(tp.SECRET_ENV, raising=False)
     with pytest.raises(UserError, match="LOCOTRAIN_SECRET"):

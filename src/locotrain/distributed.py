@@ -74,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"loco: error: {e}", file=sys.stderr)
         code = 2
-    except StoppedAtCheckpoint:
-        if rank == 0:
+    except StoppedAtCheckpoint as e:
+        if e.announce:
             print(f"loco: stopped at a checkpoint; continue with `loco resume {args.out}`",
                   file=sys.stderr)
         code = 128 + signal.SIGTERM
+        finished = True  # a stop, not a failure: peers are told goodbye
     except PeerFailure as e:
         print(f"loco: {e}", file=sys.stderr)
         code = 1

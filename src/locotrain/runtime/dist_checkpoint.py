@@ -12,8 +12,8 @@ joined it, so every rank reads the decision in time. At that point each rank com
 all-reduces it started and has not waited for (the same ones on every rank), saves
 `checkpoint/rank<r>-<c>.json` and its tensors, and rank 0 writes `checkpoint/real.json`
 (naming c) once every rank has. A stop (SIGTERM) is a checkpoint rank 0 asks for at once,
-after which every rank exits. Parameter-server algorithms have no such cut without stopping
-the servers, and are not checkpointed.
+after which every rank exits. Parameter-server algorithms have no such cut: their
+checkpoints are runtime/dist_snapshot.py's.
 """
 
 from __future__ import annotations
@@ -39,7 +39,12 @@ _STOP = "locotrain/checkpoint/stop"  # + "/c": every rank stops after the checkp
 
 
 class StoppedAtCheckpoint(Exception):
-    """This rank was asked to stop (SIGTERM), and every rank has saved the checkpoint."""
+    """This rank was asked to stop (SIGTERM), and every rank has saved the checkpoint (or
+    this one has, and another names it). `announce`: this rank says how to continue."""
+
+    def __init__(self, announce: bool):
+        super().__init__()
+        self.announce = announce
 
 
 class Checkpoints:
@@ -61,6 +66,25 @@ class Checkpoints:
         self.saved: list[int] = []  # the checkpoints (all-reduce counts) this rank wrote
 
     # -- hooks of the runtime ----------------------------------------------------------------
+    def before(self, op) -> None:  # (dist_snapshot's points; this class's are after())
+        pass
+
+    def idle(self) -> None:
+        pass
+
+    def published(self, tokens: int) -> None:
+        pass
+
+    def arrived(self, src: int, msg) -> None:
+        pass
+
+    def delivered(self, msg) -> None:
+        pass
+
+    # A replay of a synchronous run exchanges its messages again, for real: every rank
+    # replays, and the messages are the same (dist_snapshot's replays feed them from a log).
+    replaying_messages = False
+
     def started(self, handle: Handle) -> None:
         self.outstanding.append(handle)
 
@@ -137,7 +161,7 @@ class Checkpoints:
                 "world": len(rt.procs), "reduces": self.reduces,
                 "config_sha256": hashlib.sha256(config).hexdigest()}))
         if rt.store.check([f"{_STOP}/{cut}"]):
-            raise StoppedAtCheckpoint
+            raise StoppedAtCheckpoint(rt.rank == 0)
 
     def _forget_all_but(self, keep: list[int]) -> None:
         """Delete this rank's older checkpoints. The one before the newest is kept: when any

@@ -120,14 +120,12 @@ def launch(cfg, out: Path, procs: list, workers: int, synchronous: bool, nproc: 
         give_up = cfg.runtime.timeout_s + 15 if synchronous else None
         _wait(children, procs, give_up)
     except _Stopped as e:
-        # The ranks of a synchronous run stop at their next common checkpoint (SIGTERM asks
-        # them to; dist_checkpoint.py), which takes up to a round: give them that long.
-        if synchronous:
-            grace = cfg.runtime.timeout_s
-            print(f"loco launch: got {e}; stopping every process at its next checkpoint "
-                  f"(within runtime.timeout_s = {grace:g} s)", file=sys.stderr)
-        else:
-            print(f"loco launch: got {e}; stopping every process", file=sys.stderr)
+        # The ranks stop at their next common checkpoint (SIGTERM asks them to): a
+        # synchronous run's next common cut (dist_checkpoint.py) takes up to a round, a
+        # snapshot of a parameter-server run (dist_snapshot.py) up to a task: that long.
+        grace = cfg.runtime.timeout_s
+        print(f"loco launch: got {e}; stopping every process at its next checkpoint "
+              f"(within runtime.timeout_s = {grace:g} s)", file=sys.stderr)
         return 128 + e.signum  # after `finally` has stopped them
     finally:
         for s in previous:  # a late signal must not interrupt the cleanup
@@ -161,6 +159,12 @@ def _wait(children: list[subprocess.Popen], procs, give_up_s: float | None) -> N
         if codes and left and all(_stopped(children[r].pid) for r in left):
             for r in left:
                 why[r] = "was stopped (SIGSTOP) when every other process had ended; killed it"
+                _signal_group(children[r], signal.SIGKILL)
+        elif left and 2 in codes.values():  # a rank found the config or the folder unusable:
+            # the others cannot make a run of it (a resumed server waits on ranks that quit)
+            first = procs[next(r for r, c in codes.items() if c == 2)].name
+            for r in left:  # killed: on SIGTERM a rank would checkpoint a run gone wrong
+                why[r] = f"was stopped: {first} could not run (exit code 2)"
                 _signal_group(children[r], signal.SIGKILL)
         elif give_up_s is not None and failed_at and time.monotonic() > failed_at[0] + give_up_s:
             for r in left:

@@ -46,18 +46,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..codecs import flatten, make_codec, unflatten
+from ..codecs import Codec, flatten, make_codec, unflatten
 from ..config import to_toml
 from ..data import make_shards
 from ..errors import UserError
 from ..metrics import Recorder, atomic_write
 from ..outputs import prepare_out_dir, summarize, write_outputs
 from ..workloads import build_workload
-from . import collectives
-from .api import Apply, Context, Gradients, Handle, Message, Recv, ServerStep, Train, Wait
+from . import collectives, snapshot
+from .api import (Algorithm, Apply, Context, Gradients, Handle, Job, Message, Recv, ServerStep,
+                  Train, Wait)
 from .launch import PROGRESS_ENV
 from .transport import Transport
 from .dist_checkpoint import Checkpoints
+from .dist_snapshot import Snapshots
 from .engine import Engine
 
 
@@ -201,10 +203,10 @@ class DistRuntime:
         self.scattering: list[Handle] = []  # quantised reduce-scatters in their first phase
         self.tokens = self.inner_steps = 0
         self.logs: list[str] = [note] if note and rank == 0 else []
-        self.ckpt = Checkpoints(self, cfg.train.checkpoint_every, enabled=out is not None)
-        if cfg.train.checkpoint_every and not setup.algorithm.synchronous and rank == 0:
-            self.logs.append("train.checkpoint_every: real runs of parameter-server algorithms "
-                             "write no checkpoints (no consistent cut without stopping the servers)")
+        # A consistent cut: after a common all-reduce (synchronous algorithms), or a snapshot
+        # of processes and the messages between them (parameter servers).
+        kind = Checkpoints if setup.algorithm.synchronous else Snapshots
+        self.ckpt = kind(self, cfg.train.checkpoint_every, enabled=out is not None)
         self.resuming = resume
         # A common start through the store: a collective barrier would need every rank,
         # CPU-only servers included, to agree on a backend device.
@@ -223,6 +225,7 @@ class DistRuntime:
                 op = gen.send(value)
             except StopIteration:
                 break
+            self.ckpt.before(op)
             value = self._execute(op)
             self.ckpt.after(value)
         self.finished_at = time.perf_counter() - self.t0
@@ -391,6 +394,8 @@ class DistRuntime:
     def send(self, dst: str, tensors, codec, meta: dict) -> Handle:
         if dst not in self.rank_of:
             raise RuntimeError(f"{self.spec.name} sent to unknown process '{dst}'")
+        if self.ckpt.replaying_messages:  # on its way to its snapshot: sent before
+            return Handle("send", done=True)
         flat = flatten(tensors).cpu() if tensors else torch.zeros(0)
         payload = codec.encode(flat) if tensors else torch.zeros(0, dtype=torch.uint8)
         header = {"meta": meta, "codec": codec.name, "block": getattr(codec, "block", 128),
@@ -401,17 +406,43 @@ class DistRuntime:
         return Handle("send", state={"event": event})
 
     def _recv(self, src: str | None, timeout: float | None) -> Message | None:
+        if self.ckpt.replaying_messages:
+            return self.ckpt.replayed_message()
         deadline = None if timeout is None else time.perf_counter() + timeout
         while True:
             for i, msg in enumerate(self.mailbox):
                 if src is None or msg.src == src:
                     del self.mailbox[i]
+                    self.ckpt.delivered(msg)
                     return msg
             left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+            if self.ckpt.enabled:  # wake up now and then: a snapshot may be due meanwhile
+                left = 0.2 if left is None else min(0.2, left)
             frame = self.transport.recv(left)
-            if frame is None:
+            if frame is not None:
+                self._take(frame)
+            elif deadline is not None and time.perf_counter() >= deadline:
+                self.ckpt.delivered(None)
                 return None
-            self.mailbox.append(self._message(frame))
+            else:
+                self.ckpt.idle()
+
+    def poll(self, wait: float = 0.0) -> None:
+        """Take whatever has arrived (waiting up to `wait` s for the first) into the mailbox."""
+        frame = self.transport.recv(wait)
+        while frame is not None:
+            self._take(frame)
+            frame = self.transport.recv(0)
+
+    def _take(self, frame) -> None:
+        h = frame.header
+        if (not frame.failed and isinstance(self.ckpt, Snapshots) and set(h) == {"snapshot", "stop"}
+                and type(h["snapshot"]) is int and h["snapshot"] > 0 and h["stop"] in (0, 1)):
+            self.ckpt.marker(frame.src, h)
+            return
+        msg = self._message(frame)
+        self.mailbox.append(msg)
+        self.ckpt.arrived(frame.src, msg)
 
     def _message(self, frame) -> Message:
         name = self.procs[frame.src].name
@@ -482,6 +513,7 @@ class DistRuntime:
             return
         self.recorder.publish(params, tokens, updates, self._snapshot)
         self.recorder.advance_to(tokens)
+        self.ckpt.published(tokens)
 
     def _snapshot(self) -> dict:
         out = {"step": self.inner_steps if self.row else len(self.staleness)}
@@ -573,3 +605,9 @@ def _my_address(host: str) -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect((master, 9))
         return s.getsockname()[0]
+
+
+# A checkpoint walks what a process holds (its generator, snapshot.py), not the runtime around
+# it: a replay rebuilds these, the engine saves the worker's state, and dist_snapshot saves the
+# mailbox (whose contents a replay does not have when it restores).
+snapshot.skip(_Context, DistRuntime, Engine, Transport, Algorithm, Job, Codec)

@@ -324,6 +324,10 @@ class Transport:
             conn = _Conn(sock, self.rank, peer, self._mac(b"session", context))
             self._register(conn, inbound=True)
             sock.sendall(self._mac(b"welcome", context))
+            # Only now may messages go out on it: a frame written before the welcome would
+            # reach the peer where it reads the welcome (both ends connecting at once).
+            with self._lock:
+                self._send_conn.setdefault(conn.peer, conn)
         except ProtocolError as e:
             log.warning(f"loco transport (rank {self.rank}): refused a connection from {addr}: {e}")
             sock.close()
@@ -348,8 +352,10 @@ class Transport:
                     raise ProtocolError(f"rank {conn.peer} is already connected")
                 self._inbound.add(conn.peer)
             self._conns.setdefault(conn.peer, []).append(conn)
-            # Both ends may connect at once; each then sends on the first connection it has.
-            self._send_conn.setdefault(conn.peer, conn)
+            # Both ends may connect at once; each then sends on the first connection it has
+            # (an inbound one once its handshake is done: _welcome).
+            if not inbound:
+                self._send_conn.setdefault(conn.peer, conn)
 
     def _serve(self, conn: _Conn) -> None:
         # A peer that sends nothing for timeout_s (it heartbeats every timeout_s/4) is dead;
