@@ -9,8 +9,10 @@ parameter-server algorithms, ddp and diloco also "drop", in which the process di
 back fresh: the servers give its task back, the synchronous group re-forms without it).
 Real runs (CPU, gloo, loopback): a worker killed (SIGKILL) mid-run and a worker stopped
 (SIGSTOP), with runtime.timeout_s = 10; the time to detect is when the survivors' log says
-so, after the fault. Checkpoints: the seconds and bytes of one checkpoint of the quickstart
-and of the nanoGPT-size model (two-datacenters preset), on this CPU.
+so, after the fault. Snapshots: real parameter-server runs stopped (SIGTERM) or killed
+(SIGKILL of the launcher) after their first scheduled snapshot, then resumed. Checkpoints:
+the seconds and bytes of one checkpoint of the quickstart and of the nanoGPT-size model
+(two-datacenters preset), on this CPU.
 """
 
 from __future__ import annotations
@@ -167,6 +169,48 @@ def real_resume(algorithm: str) -> dict:
                 "uninterrupted_wall_s": round(whole_s, 1), "model_identical": same}
 
 
+def real_snapshot(algorithm: str, fault: str) -> dict:
+    """A parameter-server run on 4 workers snapshotting every 65,536 tokens; once the first
+    snapshot is named, the launcher gets SIGTERM (every process stops at a new snapshot) or
+    SIGKILL (a preemption without notice: the ranks die with it), then `loco resume`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        sets = ["model.depth=1", "model.width=64", "model.heads=2", "model.seq_len=32",
+                "train.batch_size=8", "train.tokens=1048576", "train.checkpoint_every=65536",
+                "eval.windows=20", "sample.chars=10", "cluster.size=4", "runtime.timeout_s=10",
+                f"algorithm.name={algorithm}", "algorithm.H=8", "algorithm.halos.K=4",
+                "train.threads=1"]
+        cmd = [sys.executable, "-m", "locotrain", "launch", "quickstart", "--quiet", "--out",
+               str(out)] + sum((["--set", s] for s in sets), [])
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        manifest = out / "checkpoint" / "real.json"
+        while not manifest.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        fault_at = time.monotonic()
+        if fault == "sigterm":
+            os.kill(proc.pid, signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+        ended = time.monotonic()
+        gone = time.monotonic() + 30
+        while _rank_pids(out) and time.monotonic() < gone:  # they die with the launcher
+            time.sleep(0.1)
+        snapshot = json.loads(manifest.read_text())["snapshot"]
+        resumed_at = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "locotrain", "resume", str(out), "--quiet"],
+                              capture_output=True, text=True, timeout=600)
+        summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+        return {"algorithm": algorithm, "fault": fault, "launcher_exit_code": proc.returncode,
+                "seconds_before_fault": round(fault_at - started, 1),
+                "seconds_from_fault_to_exit": round(ended - fault_at, 1),
+                "snapshot_resumed": snapshot, "stderr_tail": err.strip().splitlines()[-1:],
+                "resume_exit_code": done.returncode, "resume_wall_s": round(time.monotonic() - resumed_at, 1),
+                **{k: summary.get(k) for k in ("tokens_in_model", "tokens_trained", "tokens_lost")}}
+
+
 def checkpoint_cost(preset: str, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(preset, overrides)[1]
@@ -185,7 +229,7 @@ def checkpoint_cost(preset: str, overrides: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--parts", default="simulated,checkpoints,real",
+    ap.add_argument("--parts", default="simulated,checkpoints,real,snapshots",
                     help="which tables to (re)measure; the others are kept from results.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -199,6 +243,8 @@ def main() -> None:
                                 checkpoint_cost("two-datacenters", ["train.compile=false"])],
         "real": lambda: ([real(f, a) for a in ("diloco", "async_local_sgd") for f in ("kill", "stop")]
                          + [real_resume(a) for a in ("diloco", "streaming")]),
+        "snapshots": lambda: [real_snapshot(a, f) for a in ("async_local_sgd", "halos")
+                              for f in ("sigterm", "sigkill")],
     }
     for part in args.parts.split(","):
         results.update({"date": time.strftime("%Y-%m-%d"), "load_before": os.getloadavg()[0]})
