@@ -11,39 +11,35 @@
 #   bash experiments/gpu_round5.sh pipeline-wide     a wide model (8 x 2048), 3 interleaved rounds
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1
 S=$SECONDS
+
+split() {  # PART0 "SWEEPS0" PART1 "SWEEPS1": fidelity.sh sweeps, one set on each GPU, then
+  # their results in $OUT/fid.tgz (deep folders do not come back from the device)
+  ONLY="$2" CUDA_VISIBLE_DEVICES=0 timeout 540 \
+      bash experiments/fidelity.sh /tmp/fid .corpus/linuxdocs.txt "$1" > $OUT/fid0.log 2>&1 &
+  ONLY="$4" CUDA_VISIBLE_DEVICES=1 timeout 540 \
+      bash experiments/fidelity.sh /tmp/fid .corpus/linuxdocs.txt "$3" > $OUT/fid1.log 2>&1 &
+  wait
+  echo "sweeps done at $((SECONDS-S))s"
+  (cd /tmp && find fid \( -name config.toml -o -name summary.json -o -name metrics.jsonl \
+      -o -name '*.md' -o -name '*.log' \) | tar czf $OUT/fid.tgz -T -)
+  tail -n 3 /tmp/fid/*.log
+}
+
+rounds() {  # NAME LIMIT_S ARGS...: benchmarks/pipeline_2bp.py, variants 3 times interleaved
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python benchmarks/pipeline_2bp.py --rounds 3 --json $OUT/rounds_$name.json "$@" \
+      > $OUT/rounds_$name.log 2>&1; echo "$name rc=$? at $((SECONDS-S))s"
+}
+
 case $1 in
 fidelity)
-  ONLY="c4_naive_half c4_seeds_half" CUDA_VISIBLE_DEVICES=0 timeout 540 \
-      bash experiments/fidelity.sh /tmp/fid .corpus/linuxdocs.txt async-tuned > $OUT/fid0.log 2>&1 &
-  ONLY="c5_diloco" CUDA_VISIBLE_DEVICES=1 timeout 540 \
-      bash experiments/fidelity.sh /tmp/fid .corpus/linuxdocs.txt halos > $OUT/fid1.log 2>&1 &
-  wait
-  echo "fidelity done at $((SECONDS-S))s"
-  (cd /tmp && find fid \( -name config.toml -o -name summary.json -o -name metrics.jsonl \
-      -o -name '*.md' -o -name '*.log' \) | tar czf $OUT/fid.tgz -T -)
-  tail -n 3 /tmp/fid/*.log ;;
-fidelity-seeds)  # claims 2 and 3's spread (fidelity.sh's PART overlap-seeds), split over the GPUs
-  ONLY="streaming_seeds streaming_seeds_diloco ladder_seeds_ddp" CUDA_VISIBLE_DEVICES=0 timeout 540 \
-      bash experiments/fidelity.sh /tmp/fid .corpus/linuxdocs.txt overlap-seeds > $OUT/fid0.log 2>&1 &
-  ONLY="ladder_seeds_diloco ladder_seeds_eager ladder_seeds_overlap1" CUDA_VISIBLE_DEVICES=1 \
-      timeout 540 bash experiments/fidelity.sh /tmp/fid .corpus/linuxdocs.txt overlap-seeds \
-      > $OUT/fid1.log 2>&1 &
-  wait
-  echo "fidelity-seeds done at $((SECONDS-S))s"
-  (cd /tmp && find fid \( -name config.toml -o -name summary.json -o -name metrics.jsonl \
-      -o -name '*.md' -o -name '*.log' \) | tar czf $OUT/fid.tgz -T -)
-  tail -n 3 /tmp/fid/*.log ;;
+  split async-tuned "c4_naive_half c4_seeds_half" halos "c5_diloco" ;;
+fidelity-seeds)  # claims 2 and 3's spread (fidelity.sh's PART overlap-seeds)
+  split overlap-seeds "streaming_seeds streaming_seeds_diloco ladder_seeds_ddp" \
+        overlap-seeds "ladder_seeds_diloco ladder_seeds_eager ladder_seeds_overlap1" ;;
 fidelity-tuned)  # claims 2 and 3 with the outer optimizer swept (fidelity.sh's overlap-tuned)
-  ONLY="tuned_streaming_fp4" CUDA_VISIBLE_DEVICES=0 timeout 540 \
-      bash experiments/fidelity.sh /tmp/fid .corpus/linuxdocs.txt overlap-tuned > $OUT/fid0.log 2>&1 &
-  ONLY="tuned_ladder_diloco tuned_ladder_eager tuned_ladder_overlap1" CUDA_VISIBLE_DEVICES=1 \
-      timeout 540 bash experiments/fidelity.sh /tmp/fid .corpus/linuxdocs.txt overlap-tuned \
-      > $OUT/fid1.log 2>&1 &
-  wait
-  echo "fidelity-tuned done at $((SECONDS-S))s"
-  (cd /tmp && find fid \( -name config.toml -o -name summary.json -o -name metrics.jsonl \
-      -o -name '*.md' -o -name '*.log' \) | tar czf $OUT/fid.tgz -T -)
-  tail -n 3 /tmp/fid/*.log ;;
+  split overlap-tuned "tuned_streaming_fp4" \
+        overlap-tuned "tuned_ladder_diloco tuned_ladder_eager tuned_ladder_overlap1" ;;
 pipeline)
   timeout 260 python benchmarks/pipeline_2bp.py --models 6x384 --json $OUT/pipeline_2bp_6x384.json \
       > $OUT/pipeline_2bp_6x384.log 2>&1
@@ -64,21 +60,15 @@ pipeline-shapes)  # where 2BP could pay: fewer micro-batches (a larger bubble), 
   grep -h -A4 "model run" $OUT/pipeline_2bp_*_*.log ;;
 pipeline-rounds)  # the same shapes, every list of variants 3 times interleaved (step times
   # drifted by up to 40% within one run above)
-  run() { local name=$1; shift
-    timeout 200 python benchmarks/pipeline_2bp.py --rounds 3 --json $OUT/rounds_$name.json "$@" \
-        > $OUT/rounds_$name.log 2>&1; echo "$name rc=$? at $((SECONDS-S))s"; }
-  run 6x384 --models 6x384
-  run 24x384_m4_b64 --models 24x384 -m 4 --micro-batch 64
-  run 24x384_m2_b64 --models 24x384 -m 2 --micro-batch 64
-  run 24x384 --models 24x384
-  run 24x384_gloo --models 24x384 --transport gloo
+  rounds 6x384 200 --models 6x384
+  rounds 24x384_m4_b64 200 --models 24x384 -m 4 --micro-batch 64
+  rounds 24x384_m2_b64 200 --models 24x384 -m 2 --micro-batch 64
+  rounds 24x384 200 --models 24x384
+  rounds 24x384_gloo 200 --models 24x384 --transport gloo
   grep -h -A4 "model run" $OUT/rounds_*.log ;;
 pipeline-wide)  # kernels large enough to leave the host-bound regime: 8 x 2048 (403M parameters)
-  run() { local name=$1; shift
-    timeout 250 python benchmarks/pipeline_2bp.py --rounds 3 --json $OUT/rounds_$name.json "$@" \
-        > $OUT/rounds_$name.log 2>&1; echo "$name rc=$? at $((SECONDS-S))s"; }
-  run 8x2048_m4_b16 --models 8x2048 -m 4 --micro-batch 16
-  run 8x2048_m8_b16 --models 8x2048 -m 8 --micro-batch 16
+  rounds 8x2048_m4_b16 250 --models 8x2048 -m 4 --micro-batch 16
+  rounds 8x2048_m8_b16 250 --models 8x2048 -m 8 --micro-batch 16
   grep -h -A4 "model run" $OUT/rounds_*.log ;;
 *) echo "usage: bash experiments/gpu_round5.sh fidelity|fidelity-seeds|fidelity-tuned|pipeline|pipeline-shapes|pipeline-rounds|pipeline-wide" >&2
    exit 2 ;;

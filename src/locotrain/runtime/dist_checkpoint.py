@@ -156,10 +156,7 @@ class Checkpoints:
         if rt.rank == 0:
             rt.store.wait([f"{key}/{r}" for r in range(len(rt.procs))],
                           timedelta(seconds=rt.cfg.runtime.timeout_s))
-            config = (rt.out / "config.toml").read_bytes()
-            atomic_write(rt.out / STATE_DIR / MANIFEST, json.dumps({
-                "world": len(rt.procs), "reduces": self.reduces,
-                "config_sha256": hashlib.sha256(config).hexdigest()}))
+            name_checkpoint(rt, "reduces", self.reduces)
         if rt.store.check([f"{_STOP}/{cut}"]):
             raise StoppedAtCheckpoint(rt.rank == 0)
 
@@ -167,28 +164,15 @@ class Checkpoints:
         """Delete this rank's older checkpoints. The one before the newest is kept: when any
         rank writes checkpoint c, rank 0 has named c's predecessor in real.json (it does so
         before joining the all-reduce that leads to c), but c itself may never be named."""
-        folder = self.rt.out / STATE_DIR
-        for f in folder.glob(f"rank{self.rt.rank}-*"):
-            generation = f.name.removeprefix(f"rank{self.rt.rank}-").split("-")[0].split(".")[0]
-            if generation.isdigit() and int(generation) not in keep:
-                f.unlink()
+        forget_all_but(self.rt, f"rank{self.rt.rank}-", keep)
 
     def _state(self, value) -> tuple[dict, dict]:
         rt = self.rt
-        walked = snapshot.tensors_in(self._roots(value))
-        tensors = {f"walk/{i}": t for i, t in enumerate(walked)}
-        tensors["rng/torch"] = torch.get_rng_state()
-        meta = {"events": self.events, "reduces": self.reduces, "exchanged": self.exchanged,
-                "shapes": snapshot.shapes(walked),
-                "counters": {k: getattr(rt, k) for k in ("tokens", "inner_steps", "collective_bytes",
-                                                         "collective_inter", "peak_payload")}}
-        if rt.row is not None:
-            engine, meta["engine"] = rt.engine.state([rt.row])
-            tensors |= {f"engine/{k}": v for k, v in engine.items()}
-        if rt.recorder is not None:
-            metrics = rt.out / "metrics.jsonl"
-            meta["recorder"] = rt.recorder.state()
-            meta["metrics_bytes"] = metrics.stat().st_size if metrics.exists() else 0
+        tensors, meta = capture(rt, self._roots(value), copy=False)
+        meta |= {"events": self.events, "reduces": self.reduces, "exchanged": self.exchanged,
+                 "counters": {k: getattr(rt, k) for k in ("tokens", "inner_steps",
+                                                          "collective_bytes", "collective_inter",
+                                                          "peak_payload")}}
         return tensors, meta
 
     def _roots(self, value) -> list:
@@ -200,19 +184,8 @@ class Checkpoints:
     def resume(self) -> None:
         """Before the first primitive: load this rank's checkpoint and replay up to it."""
         rt = self.rt
-        manifest = rt.out / STATE_DIR / MANIFEST
-        if not manifest.is_file():
-            raise UserError(f"'{rt.out}' holds no checkpoint of a real run ({STATE_DIR}/{MANIFEST})")
-        try:
-            at = int(json.loads(manifest.read_text())["reduces"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"checkpoint in '{rt.out}' is corrupt ({MANIFEST}: {e}); re-run "
-                            "training or restore the folder") from None
-        tensors, meta = load_run_state(rt.out, name=f"rank{rt.rank}-{at}")
+        at, tensors, meta = load_named(rt, "reduces", "")
         self.saved = [at]
-        if "metrics_bytes" in meta:
-            with open(rt.out / "metrics.jsonl", "r+b") as f:
-                f.truncate(meta["metrics_bytes"])
         self.replay = {"events": meta["events"], "tensors": tensors, "meta": meta,
                        "exchanged": deque(meta["exchanged"])}
         self.exchanged = []
@@ -222,28 +195,88 @@ class Checkpoints:
         rt, tensors, meta = self.rt, self.replay["tensors"], self.replay["meta"]
         self.replay = None
         rt.engine.replaying = False
-        walked = snapshot.tensors_in(self._roots(value))
-        if snapshot.shapes(walked) != meta["shapes"]:
-            raise UserError(f"cannot resume '{rt.out}': rank {rt.rank}'s replay did not reach "
-                            "the checkpointed state")
-        with torch.no_grad():
-            for i, t in enumerate(walked):
-                t.copy_(tensors[f"walk/{i}"])
-        if rt.row is not None:
-            engine = {k.removeprefix("engine/"): v for k, v in tensors.items() if k.startswith("engine/")}
-            rt.engine.load_state([rt.row], engine, meta["engine"])
-        if "recorder" in meta:
-            rt.recorder.load_state(meta["recorder"])
+        restore(rt, self._roots(value), tensors, meta)
         for k, v in meta["counters"].items():
             setattr(rt, k, v)
         self.reduces, self.exchanged = meta["reduces"], meta["exchanged"]
-        rt.spans, rt.wall_per_step = [], []  # wall-clock records start again at the resume
         self.next = (rt.tokens * rt.job.M // self.every + 1) * self.every if self.every else 0
-        torch.set_rng_state(tensors["rng/torch"])
 
     @property
     def replaying(self) -> bool:
         return self.replay is not None
+
+
+# -- what both kinds of real checkpoint do (this file's and dist_snapshot.py's) ---------------
+def capture(rt, roots: list, copy: bool) -> tuple[dict, dict]:
+    """Every tensor the process holds (reachable from `roots`), its worker's engine state, its
+    random stream, and on the process that records the metrics their state and length.
+    `copy`: on the cpu, for a process that carries on before it saves."""
+    def keep(t):
+        return t.detach().to("cpu", copy=True) if copy else t
+
+    walked = snapshot.tensors_in(roots)
+    tensors = {f"walk/{i}": keep(t) for i, t in enumerate(walked)}
+    tensors["rng/torch"] = torch.get_rng_state()
+    meta = {"shapes": snapshot.shapes(walked)}
+    if rt.row is not None:
+        engine, meta["engine"] = rt.engine.state([rt.row])
+        tensors |= {f"engine/{k}": keep(v) for k, v in engine.items()}
+    if rt.recorder is not None:
+        metrics = rt.out / "metrics.jsonl"
+        meta["recorder"] = rt.recorder.state()
+        meta["metrics_bytes"] = metrics.stat().st_size if metrics.exists() else 0
+    return tensors, meta
+
+
+def restore(rt, roots: list, tensors: dict, meta: dict) -> None:
+    """Put `capture`'s values back into a replayed process that reached the same point."""
+    walked = snapshot.tensors_in(roots)
+    if snapshot.shapes(walked) != meta["shapes"]:
+        raise UserError(f"cannot resume '{rt.out}': rank {rt.rank}'s replay did not reach "
+                        "the checkpointed state")
+    with torch.no_grad():
+        for i, t in enumerate(walked):
+            t.copy_(tensors[f"walk/{i}"])
+    if rt.row is not None:
+        engine = {k.removeprefix("engine/"): v for k, v in tensors.items() if k.startswith("engine/")}
+        rt.engine.load_state([rt.row], engine, meta["engine"])
+    if "recorder" in meta:
+        rt.recorder.load_state(meta["recorder"])
+    rt.spans, rt.wall_per_step = [], []  # wall-clock records start again at the resume
+    torch.set_rng_state(tensors["rng/torch"])
+
+
+def name_checkpoint(rt, key: str, n: int) -> None:
+    """real.json: checkpoint n (`key`: what n counts) is the one to resume from."""
+    config = (rt.out / "config.toml").read_bytes()
+    atomic_write(rt.out / STATE_DIR / MANIFEST, json.dumps({
+        "world": len(rt.procs), key: n, "config_sha256": hashlib.sha256(config).hexdigest()}))
+
+
+def load_named(rt, key: str, tag: str) -> tuple[int, dict, dict]:
+    """(n, tensors, meta) of this rank's part of the checkpoint real.json names (files
+    rank<r>-<tag><n>); the metrics file is cut back to where that checkpoint left it."""
+    manifest = rt.out / STATE_DIR / MANIFEST
+    if not manifest.is_file():
+        raise UserError(f"'{rt.out}' holds no checkpoint of a real run ({STATE_DIR}/{MANIFEST})")
+    try:
+        n = int(json.loads(manifest.read_text())[key])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"checkpoint in '{rt.out}' is corrupt ({MANIFEST}: {e}); re-run "
+                        "training or restore the folder") from None
+    tensors, meta = load_run_state(rt.out, name=f"rank{rt.rank}-{tag}{n}")
+    if "metrics_bytes" in meta:
+        with open(rt.out / "metrics.jsonl", "r+b") as f:
+            f.truncate(meta["metrics_bytes"])
+    return n, tensors, meta
+
+
+def forget_all_but(rt, prefix: str, keep: list[int]) -> None:
+    """Delete this rank's checkpoint files `prefix`<n>... whose n is not in `keep`."""
+    for f in (rt.out / STATE_DIR).glob(f"{prefix}*"):
+        n = f.name.removeprefix(prefix).split("-")[0].split(".")[0]
+        if n.isdigit() and int(n) not in keep:
+            f.unlink()
 
 
 def real_checkpoint(out: Path) -> bool:

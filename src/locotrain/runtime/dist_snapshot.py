@@ -25,19 +25,16 @@ resumed run would have to bring the dead process back as dead); it says so once.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import deque
 from datetime import timedelta
 
 import torch
 
-from ..checkpoint import STATE_DIR, load_run_state, save_run_state
+from ..checkpoint import save_run_state
 from ..errors import UserError
-from ..files import atomic_write
-from . import snapshot
 from .api import Handle, Message
-from .dist_checkpoint import MANIFEST, StoppedAtCheckpoint
+from .dist_checkpoint import (StoppedAtCheckpoint, capture, forget_all_but, load_named,
+                              name_checkpoint, restore)
 
 _DONE = "locotrain/snapshot"  # + "/s/r": rank r saved snapshot s
 
@@ -146,22 +143,12 @@ class Snapshots:
                        "cannot bring it back as it was")
                 self.warned = True
             return
-        walked = snapshot.tensors_in(self._roots())
-        tensors = {f"walk/{i}": t.detach().to("cpu", copy=True) for i, t in enumerate(walked)}
-        tensors["rng/torch"] = torch.get_rng_state()
-        meta = {"snapshot": sid, "events": self.events, "log": list(self.log),
-                "shapes": snapshot.shapes(walked),
-                "counters": {"tokens": rt.tokens, "inner_steps": rt.inner_steps,
-                             "peak_payload": rt.peak_payload,
-                             "bytes_sent": rt.transport.bytes_sent,
-                             "bytes_to": {str(k): v for k, v in rt.transport.bytes_to.items()}}}
-        if rt.row is not None:
-            engine, meta["engine"] = rt.engine.state([rt.row])
-            tensors |= {f"engine/{k}": v.detach().to("cpu", copy=True) for k, v in engine.items()}
-        if rt.recorder is not None:
-            metrics = rt.out / "metrics.jsonl"
-            meta["recorder"] = rt.recorder.state()
-            meta["metrics_bytes"] = metrics.stat().st_size if metrics.exists() else 0
+        tensors, meta = capture(rt, self._roots(), copy=True)
+        meta |= {"snapshot": sid, "events": self.events, "log": list(self.log),
+                 "counters": {"tokens": rt.tokens, "inner_steps": rt.inner_steps,
+                              "peak_payload": rt.peak_payload,
+                              "bytes_sent": rt.transport.bytes_sent,
+                              "bytes_to": {str(k): v for k, v in rt.transport.bytes_to.items()}}}
         peers = set(range(len(rt.procs))) - {rt.rank}
         self.taking = {"id": sid, "stop": stop, "initiator": initiator, "open": peers - {closed},
                        "tensors": tensors, "meta": meta, "inbox": [_copy(m) for m in rt.mailbox]}
@@ -197,10 +184,7 @@ class Snapshots:
             except RuntimeError:  # a process died before saving: the last one stays named
                 rt.log(f"checkpoint {sid} incomplete: not every process saved it in time")
             else:
-                config = (rt.out / "config.toml").read_bytes()
-                atomic_write(rt.out / STATE_DIR / MANIFEST, json.dumps({
-                    "world": len(rt.procs), "snapshot": sid,
-                    "config_sha256": hashlib.sha256(config).hexdigest()}))
+                name_checkpoint(rt, "snapshot", sid)
                 named = True
         if taking["stop"]:
             raise StoppedAtCheckpoint(named)
@@ -208,12 +192,7 @@ class Snapshots:
     def _forget_all_but(self, keep: list[int]) -> None:
         """Older file sets of this rank; the one before the newest stays until the initiator
         has named the newest in real.json."""
-        folder = self.rt.out / STATE_DIR
-        prefix = f"rank{self.rt.rank}-s"
-        for f in folder.glob(f"{prefix}*"):
-            sid = f.name.removeprefix(prefix).split("-")[0].split(".")[0]
-            if sid.isdigit() and int(sid) not in keep:
-                f.unlink()
+        forget_all_but(self.rt, f"rank{self.rt.rank}-s", keep)
 
     def _roots(self) -> list:
         rt = self.rt
@@ -224,18 +203,7 @@ class Snapshots:
     def resume(self) -> None:
         """Before the first primitive: load this rank's part of the named snapshot."""
         rt = self.rt
-        manifest = rt.out / STATE_DIR / MANIFEST
-        if not manifest.is_file():
-            raise UserError(f"'{rt.out}' holds no checkpoint of a real run ({STATE_DIR}/{MANIFEST})")
-        try:
-            sid = int(json.loads(manifest.read_text())["snapshot"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"checkpoint in '{rt.out}' is corrupt ({MANIFEST}: {e}); re-run "
-                            "training or restore the folder") from None
-        tensors, meta = load_run_state(rt.out, name=f"rank{rt.rank}-s{sid}")
-        if "metrics_bytes" in meta:
-            with open(rt.out / "metrics.jsonl", "r+b") as f:
-                f.truncate(meta["metrics_bytes"])
+        sid, tensors, meta = load_named(rt, "snapshot", "s")
         self.saved, self.last, self.log = [sid], sid, list(meta["log"])
         self.replay = {"events": meta["events"], "tensors": tensors, "meta": meta,
                        "log": deque(meta["log"])}
@@ -245,18 +213,8 @@ class Snapshots:
         rt, tensors, meta = self.rt, self.replay["tensors"], self.replay["meta"]
         self.replay = None
         rt.engine.replaying = False
-        walked = snapshot.tensors_in(self._roots())
-        if snapshot.shapes(walked) != meta["shapes"]:
-            raise UserError(f"cannot resume '{rt.out}': rank {rt.rank}'s replay did not reach "
-                            "the checkpointed state")
-        with torch.no_grad():
-            for i, t in enumerate(walked):
-                t.copy_(tensors[f"walk/{i}"])
-        if rt.row is not None:
-            engine = {k.removeprefix("engine/"): v for k, v in tensors.items() if k.startswith("engine/")}
-            rt.engine.load_state([rt.row], engine, meta["engine"])
+        restore(rt, self._roots(), tensors, meta)
         if "recorder" in meta:
-            rt.recorder.load_state(meta["recorder"])
             tokens = rt.recorder.last[1] if rt.recorder.last else 0
             self.next = (tokens // self.every + 1) * self.every if self.every else 0
         c = meta["counters"]
@@ -266,8 +224,6 @@ class Snapshots:
         rt.mailbox = deque(Message(m["src"], [tensors[f"inbox/{i}/{j}"].to(rt.device)
                                               for j in range(m["tensors"])], m["meta"], m["sent_at"])
                            for i, m in enumerate(meta["inbox"]))
-        rt.spans, rt.wall_per_step = [], []  # wall-clock records start again at the resume
-        torch.set_rng_state(tensors["rng/torch"])
 
 
 def _copy(msg: Message) -> Message:
